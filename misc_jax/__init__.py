@@ -1,0 +1,1 @@
+"""misc_jax: multi-instance and small-object semantic correspondence in JAX/Flax."""

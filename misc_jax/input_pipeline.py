@@ -1,0 +1,192 @@
+"""Input pipeline: TFDS records -> decoded, resized, padded, augmented batches sharded for pmap.
+
+Every dataset emits the schema of `misc_jax.features`; this module turns it into fixed-shape batches:
+
+  batch['source'|'target']:
+    image          uint8   [D, B, S, S, 3]   S = config.input.image_size (D local devices, B per device)
+    keypoints      float32 [D, B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
+    keypoint_valid bool    [D, B, I, K]      visible and not padding
+    bboxes         float32 [D, B, I, 4]      (x1, y1, x2, y2) pixels of the resized image
+    instance_valid bool    [D, B, I]
+    masks          bool    [D, B, I, S, S]   all False for datasets without masks (see has_masks)
+    has_masks      bool    [D, B]
+    scale          float32 [D, B, 2]         (sx, sy): resized = scale * original pixel coordinates
+  batch['category'] int32 [D, B];  batch['valid'] bool [D, B] (False on evaluation padding)
+
+I = config.input.max_instances and K = config.input.max_keypoints pad instances and keypoints, so shapes
+are static under jit. Training order is a pure function of (seed, step): the split is repeated, shuffled
+with a fixed seed and enumerated; starting at step n skips the first n batches of still-encoded records,
+and augmentation draws its randomness from (seed, example index), so a resumed run sees the same batches.
+"""
+
+import math
+from typing import Iterator
+
+from flax import jax_utils
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from misc_jax import features
+from tfds_builders import build
+
+_SKIP = tfds.decode.SkipDecoding()
+
+
+def _decode(example):
+  """Decodes the images and masks that as_dataset left encoded."""
+  for side in features.SIDES:
+    s = example[side]
+    s['image'] = tf.io.decode_image(s['image'], channels=3, expand_animations=False)
+    s['masks'] = tf.map_fn(lambda png: tf.io.decode_png(png, channels=1), s['masks'],
+                           fn_output_signature=tf.TensorSpec([None, None, 1], tf.uint8))
+  return example
+
+
+def _pad_to(x, size, axis, name, pair_id):
+  """Pads dimension `axis` of x with zeros up to `size`; fails (naming the pair) if it is larger."""
+  n = tf.shape(x)[axis]
+  check = tf.debugging.Assert(n <= size, [
+      'pair', pair_id, f'has more {name} than config.input.max_{name}={size}:', n])
+  with tf.control_dependencies([check]):
+    paddings = [[0, 0]] * len(x.shape)
+    paddings[axis] = [0, size - n]
+    return tf.pad(x, paddings)
+
+
+def preprocess_side(side, pair_id, config: ml_collections.ConfigDict):
+  """Resizes (and pads) one decoded side to config.input.image_size; pads instances and keypoints."""
+  size = config.input.image_size
+  image = tf.cast(side['image'], tf.float32)
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale_yx = size / hw
+  if config.input.keep_aspect:  # Letterbox: one scale, pad bottom and right.
+    scale_yx = tf.fill([2], tf.reduce_min(scale_yx))
+  new_hw = tf.cast(tf.round(hw * scale_yx), tf.int32)
+  image = tf.image.resize(image, new_hw, method='bilinear', antialias=True)
+  image = tf.image.pad_to_bounding_box(image, 0, 0, size, size)
+  scale = scale_yx[::-1]  # (sx, sy)
+
+  num_instances = tf.shape(side['instance_ids'])[0]
+  valid = side['keypoint_visible']
+  keypoints = tf.where(valid[..., None], side['keypoints'] * scale, 0.)
+  masks = tf.image.resize(side['masks'], new_hw, method='nearest')
+  masks = tf.image.pad_to_bounding_box(masks, 0, 0, size, size)[..., 0] > 0
+  has_masks = tf.shape(masks)[0] > 0
+  masks = tf.cond(has_masks, lambda: masks, lambda: tf.zeros([num_instances, size, size], tf.bool))
+
+  max_i, max_k = config.input.max_instances, config.input.max_keypoints
+  pad_i = lambda x: _pad_to(x, max_i, 0, 'instances', pair_id)
+  pad_ik = lambda x: _pad_to(pad_i(x), max_k, 1, 'keypoints', pair_id)
+  out = {
+      'image': image,
+      'keypoints': pad_ik(keypoints),
+      'keypoint_valid': pad_ik(valid),
+      'bboxes': pad_i(side['bboxes'] * tf.tile(scale, [2])),
+      'instance_valid': pad_i(tf.ones([num_instances], tf.bool)),
+      'masks': pad_i(masks),
+      'has_masks': has_masks,
+      'scale': scale,
+  }
+  out['keypoints'].set_shape([max_i, max_k, 2])
+  out['keypoint_valid'].set_shape([max_i, max_k])
+  out['bboxes'].set_shape([max_i, 4])
+  out['instance_valid'].set_shape([max_i])
+  out['masks'].set_shape([max_i, size, size])
+  return out
+
+
+def augment_image(image, seed, config: ml_collections.ConfigDict):
+  """Photometric jitter of a float [S, S, 3] image in [0, 255], from a stateless seed."""
+  aug = config.input.augment
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = image / 255.
+  image = tf.image.stateless_random_brightness(image, aug.brightness, seeds[0])
+  image = tf.image.stateless_random_contrast(image, 1 - aug.contrast, 1 + aug.contrast, seeds[1])
+  image = tf.image.stateless_random_saturation(image, 1 - aug.saturation, 1 + aug.saturation, seeds[2])
+  return tf.clip_by_value(image, 0., 1.) * 255.
+
+
+def preprocess(example, *, config: ml_collections.ConfigDict, train: bool, index=None):
+  """Decoded example -> one fixed-shape training/eval example (see the module docstring)."""
+  out = {'category': tf.cast(example['category'], tf.int32), 'valid': tf.constant(True)}
+  for i, side in enumerate(features.SIDES):
+    out[side] = preprocess_side(example[side], example['pair_id'], config)
+    if train and config.input.augment.photometric:
+      seed = tf.stack([tf.cast(config.seed, tf.int64), tf.cast(index, tf.int64) * 2 + i])
+      out[side]['image'] = augment_image(out[side]['image'], seed, config)
+    out[side]['image'] = tf.cast(tf.round(out[side]['image']), tf.uint8)
+  return out
+
+
+def _load(config, split, *, process_split):
+  builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
+  decoders = {side: {'image': _SKIP, 'masks': _SKIP} for side in features.SIDES}
+  read_config = tfds.ReadConfig(shuffle_seed=config.seed, interleave_cycle_length=1)
+  ds = builder.as_dataset(split=process_split, decoders=decoders, read_config=read_config,
+                          shuffle_files=False)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options), builder
+
+
+def _shard_for_devices(batch):
+  """[B_process, ...] numpy -> [local_devices, B_process / local_devices, ...]."""
+  d = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape((d, x.shape[0] // d) + x.shape[1:]), batch)
+
+
+def _per_process_batch(config):
+  batch, procs, devices = config.batch_size, jax.process_count(), jax.local_device_count()
+  if batch % (procs * devices):
+    raise ValueError(f'config.batch_size={batch} is not divisible by {procs} processes x '
+                     f'{devices} local devices')
+  return batch // procs
+
+
+def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                   to_device: bool = True) -> Iterator[dict]:
+  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices)."""
+  batch_size = _per_process_batch(config)
+  split = tfds.split_for_jax_process(config.dataset.train_split, drop_remainder=True)
+  ds, _ = _load(config, config.dataset.train_split, process_split=split)
+  ds = ds.repeat().shuffle(config.input.shuffle_buffer, seed=config.seed,
+                           reshuffle_each_iteration=True)
+  ds = ds.enumerate().skip(start_step * batch_size)  # Skipping still-encoded records is cheap.
+  ds = ds.map(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=i),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  batches = map(_shard_for_devices, tfds.as_numpy(ds))
+  return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches
+
+
+def eval_iterator(config: ml_collections.ConfigDict, split: str, *,
+                  to_device: bool = True) -> Iterator[dict]:
+  """One pass over `split` in order; the last batches are padded (valid=False) so every process runs
+  the same number of steps, ceil(ceil(N / processes) / per-process batch)."""
+  batch_size = _per_process_batch(config)
+  ds, builder = _load(config, split, process_split=tfds.split_for_jax_process(
+      split, drop_remainder=False))
+  total = builder.info.splits[split].num_examples
+  num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch_size)
+  ds = ds.map(lambda ex: preprocess(_decode(ex), config=config, train=False),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+  def padded():
+    it = iter(tfds.as_numpy(ds))
+    template = None
+    for _ in range(num_batches):
+      batch = next(it, None)
+      if template is None:
+        template = batch
+      if batch is None:  # This process ran out before another one: a fully padded batch.
+        batch = jax.tree.map(lambda x: np.zeros_like(x[:0]), template)
+      n = len(batch['valid'])
+      yield jax.tree.map(lambda x: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:],
+                                                                   x.dtype)]), batch)
+
+  batches = map(_shard_for_devices, padded())
+  return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches

@@ -1,0 +1,120 @@
+"""The input pipeline: shapes for pmap, geometry of resizing, exact resume, evaluation padding."""
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from misc_jax import input_pipeline
+from misc_jax import visualize
+
+
+def _dot_side(width, height, x, y):
+  """A white image with a red dot of radius 3 px centred at continuous (x, y), as a decoded side."""
+  cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+  image = np.full((height, width, 3), 255, np.uint8)
+  image[np.hypot(cols - x, rows - y) <= 3] = (255, 0, 0)
+  mask = np.zeros((1, height, width, 1), np.uint8)
+  mask[0, int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3] = 255
+  return {
+      'image': tf.constant(image), 'instance_ids': tf.constant([0], tf.int64),
+      'keypoints': tf.constant([[[x, y]]], tf.float32),
+      'keypoint_visible': tf.constant([[True]]),
+      'bboxes': tf.constant([[x - 3, y - 3, x + 3, y + 3]], tf.float32),
+      'masks': tf.constant(mask),
+  }
+
+
+def _red_centroid(image):
+  """Centroid of red (not white, not the black letterbox padding), in continuous coordinates."""
+  darkness = image[..., 0].astype(np.float64) - image[..., 1]
+  darkness[darkness < 64] = 0
+  rows, cols = np.mgrid[:image.shape[0], :image.shape[1]] + 0.5
+  return np.array([(cols * darkness).sum(), (rows * darkness).sum()]) / darkness.sum()
+
+
+@pytest.mark.parametrize('keep_aspect', [False, True])
+@pytest.mark.parametrize('width,height,x,y', [(160, 96, 40.5, 70.25), (90, 200, 60.0, 33.5)])
+def test_keypoint_stays_on_the_dot_after_resize(smoke_config, keep_aspect, width, height, x, y):
+  smoke_config.input.keep_aspect = keep_aspect
+  out = input_pipeline.preprocess_side(_dot_side(width, height, x, y), 'dot', smoke_config)
+  image, kp = out['image'].numpy(), out['keypoints'].numpy()[0, 0]
+  assert image.shape == (64, 64, 3)
+  np.testing.assert_allclose(_red_centroid(image), kp, atol=0.35)
+  np.testing.assert_allclose(kp, [x, y] * out['scale'].numpy(), rtol=1e-6)
+  # The mask and the box moved with the keypoint.
+  rows, cols = np.nonzero(out['masks'].numpy()[0])
+  assert abs(cols.mean() + 0.5 - kp[0]) < 2 and abs(rows.mean() + 0.5 - kp[1]) < 2
+  box = out['bboxes'].numpy()[0]
+  np.testing.assert_allclose((box[:2] + box[2:]) / 2, kp, atol=1e-4)
+  if keep_aspect:
+    assert out['scale'].numpy()[0] == out['scale'].numpy()[1]
+
+
+def test_too_many_instances_is_an_error_naming_the_pair(smoke_config):
+  smoke_config.input.max_instances = 0
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)pair.*dot.*more instances than config.input.max_instances=0"):
+    input_pipeline.preprocess_side(_dot_side(32, 32, 10, 10), 'dot', smoke_config)
+
+
+def test_train_batches_are_sharded_for_eight_devices(smoke_config):
+  assert jax.local_device_count() == 8
+  batch = next(input_pipeline.train_iterator(smoke_config))
+  d, b, s, i, k = 8, 1, 64, 3, 12
+  expected = {
+      'image': ((d, b, s, s, 3), np.uint8), 'keypoints': ((d, b, i, k, 2), np.float32),
+      'keypoint_valid': ((d, b, i, k), np.bool_), 'bboxes': ((d, b, i, 4), np.float32),
+      'instance_valid': ((d, b, i), np.bool_), 'masks': ((d, b, i, s, s), np.bool_),
+      'has_masks': ((d, b), np.bool_), 'scale': ((d, b, 2), np.float32)}
+  for side in ('source', 'target'):
+    for key, (shape, dtype) in expected.items():
+      x = batch[side][key]
+      assert isinstance(x, jax.Array) and len(x.sharding.device_set) == 8, key
+      assert (x.shape, x.dtype) == (shape, dtype), (side, key)
+  assert batch['category'].shape == (d, b) and batch['valid'].all()
+  src = jax.device_get(batch['source'])
+  # Padding is marked invalid and zeroed; real keypoints lie inside the image.
+  assert not src['keypoint_valid'][~src['instance_valid']].any()
+  assert (src['keypoints'][~src['keypoint_valid']] == 0).all()
+  kps = src['keypoints'][src['keypoint_valid']]
+  assert len(kps) and (kps >= 0).all() and (kps <= s).all()
+
+
+def test_resume_from_a_step_gives_the_same_batches(smoke_config):
+  smoke_config.batch_size = 8
+  run = input_pipeline.train_iterator(smoke_config, to_device=False)
+  batches = [next(run) for _ in range(3)]  # 24 examples: crosses epochs of the 6-pair split
+  resumed = next(input_pipeline.train_iterator(smoke_config, start_step=2, to_device=False))
+  for a, b in zip(jax.tree.leaves(batches[2]), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(batches[0]['source']['image'], batches[1]['source']['image'])
+  other_seed = smoke_config.copy_and_resolve_references()
+  other_seed.seed = 1
+  assert not np.array_equal(
+      next(input_pipeline.train_iterator(other_seed, to_device=False))['source']['image'],
+      batches[0]['source']['image'])
+
+
+def test_evaluation_visits_every_pair_once_with_padding(smoke_config):
+  batches = list(input_pipeline.eval_iterator(smoke_config, 'validation', to_device=False))
+  assert len(batches) == 1  # 3 pairs in one global batch of 8
+  valid = batches[0]['valid'].reshape(-1)
+  np.testing.assert_array_equal(valid, [True] * 3 + [False] * 5)
+  assert batches[0]['target']['has_masks'].reshape(-1)[:3].all()
+  # No augmentation at evaluation: two passes are identical.
+  again = list(input_pipeline.eval_iterator(smoke_config, 'validation', to_device=False))
+  np.testing.assert_array_equal(batches[0]['source']['image'], again[0]['source']['image'])
+
+
+def test_batch_size_must_split_over_devices(smoke_config):
+  smoke_config.batch_size = 12
+  with pytest.raises(ValueError, match='batch_size=12 is not divisible'):
+    next(input_pipeline.train_iterator(smoke_config))
+
+
+def test_preview_png_is_written(smoke_config, tmp_path):
+  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
+  path = tmp_path / 'pairs.png'
+  visualize.save_pairs(batch, str(path), num_pairs=2, category_names=['a', 'b', 'c', 'd', 'e'])
+  image = np.asarray(__import__('PIL.Image').Image.open(path))
+  assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 10

@@ -1,0 +1,1 @@
+"""TFDS builders of misc_jax; importing a subpackage registers its builder with TFDS."""
