@@ -1,0 +1,102 @@
+"""From score volumes to coordinates: soft-argmax (CATs), Gaussian-kernel soft-argmax and keypoint
+transfer (CHM), and flow to keypoints (CATs).
+
+Normalised coordinates follow the references: a feature grid of n cells spans linspace(-1, 1, n) (corner
+aligned), while image pixels normalise as (v - size/2) / (size/2), CHM's convention. Keypoints are
+[B, N, 2] (x, y) with a validity mask [B, N]; invalid entries are returned unchanged.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _grid(h, w):
+  """[h * w, 2] normalised (x, y) of every cell of an h x w grid, row-major."""
+  ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing='ij')
+  return jnp.stack([xs.ravel(), ys.ravel()], -1)
+
+
+def soft_argmax(corr, beta: float = 0.02):
+  """CATs' soft-argmax: for every target cell, the expected source position under a softmax with
+  temperature `beta` over the source dims. corr [B, Ha, Wa, Hb, Wb] -> [B, Hb, Wb, 2] normalised (x, y)."""
+  b, ha, wa, hb, wb = corr.shape
+  logits = corr.reshape(b, ha * wa, hb * wb) / beta  # [B, Sa, Sb]
+  prob = jax.nn.softmax(logits, axis=1)
+  coords = jnp.einsum('bst,sd->btd', prob, _grid(ha, wa))  # [B, Sb, 2]
+  return coords.reshape(b, hb, wb, 2)
+
+
+def grid_to_flow(grid, source_hw):
+  """Normalised source coordinates at every target cell -> flow in source cells (CATs'
+  unnormalise_and_convert_mapping_to_flow). grid [B, Hb, Wb, 2] -> flow [B, Hb, Wb, 2] (dx, dy)."""
+  ha, wa = source_hw
+  hb, wb = grid.shape[1:3]
+  x = (grid[..., 0] + 1) * (wa - 1) / 2 - jnp.arange(wb)[None, None, :]
+  y = (grid[..., 1] + 1) * (ha - 1) / 2 - jnp.arange(hb)[None, :, None]
+  return jnp.stack([x, y], -1)
+
+
+def kernel_soft_argmax(corr, sigma: float = 17.):
+  """CHM's Gaussian-kernel soft-argmax: for every source cell, the expected target position under a
+  softmax (no temperature) of the scores times a Gaussian around their argmax.
+
+  corr [B, Ha, Wa, Hb, Wb] -> [B, Ha, Wa, 2] normalised target (x, y). The kernel multiplies the raw scores
+  (as CHM does), so it suppresses far matches only where scores are positive.
+  """
+  b, ha, wa, hb, wb = corr.shape
+  scores = corr.reshape(b, ha * wa, hb * wb)  # [B, Sa, Sb]
+  best = jnp.argmax(scores, axis=2)  # [B, Sa]
+  cy, cx = best // wb, best % wb
+  ty, tx = jnp.divmod(jnp.arange(hb * wb), wb)
+  dist2 = (tx - cx[..., None])**2 + (ty - cy[..., None])**2  # [B, Sa, Sb]
+  gauss = jnp.exp(-dist2 / (2 * sigma**2))
+  prob = jax.nn.softmax(gauss * scores, axis=2)
+  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb))
+  return coords.reshape(b, ha, wa, 2)
+
+
+def normalize_keypoints(kps, image_hw):
+  """Pixels -> [-1, 1] as CHM: (v - size/2) / (size/2), per axis; kps [..., 2] (x, y)."""
+  half = jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
+  return (kps - half) / half
+
+
+def unnormalize_keypoints(kps, image_hw):
+  half = jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
+  return kps * half + half
+
+
+def transfer_keypoints(target_coords, src_kps, valid, attn_thres: float = 0.1):
+  """CHM's attentive keypoint indexing: a keypoint's prediction is the average of `target_coords` over
+  the source cells within `attn_thres` of it, weighted by (attn_thres - distance).
+
+  target_coords [B, Ha, Wa, 2] (from kernel_soft_argmax), src_kps [B, N, 2] normalised, valid [B, N]
+  -> [B, N, 2] normalised target keypoints. Where no cell is within `attn_thres` (CHM divides 0 by 0),
+  the nearest cell is used instead.
+  """
+  b, ha, wa, _ = target_coords.shape
+  cells = _grid(ha, wa)  # [Sa, 2]
+  dist = jnp.sqrt(jnp.sum((cells[None, None] - src_kps[:, :, None])**2, -1) + 1e-5)  # [B, N, Sa]
+  weight = jnp.maximum(attn_thres - dist, 0)
+  total = weight.sum(-1, keepdims=True)
+  nearest = jax.nn.one_hot(jnp.argmin(dist, -1), ha * wa)
+  weight = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1), nearest)
+  pred = jnp.einsum('bns,bsd->bnd', weight, target_coords.reshape(b, ha * wa, 2))
+  return jnp.where(valid[..., None], pred, src_kps)
+
+
+def flow_to_keypoints(flow, kps, valid, image_hw):
+  """CATs' flow2kps: upsample a flow [B, h, w, 2] (feature cells) to the image, scale it to pixels and
+  add it at each keypoint's pixel (coordinates truncated, then clamped to the image, as CATs does).
+
+  kps [B, N, 2] pixels, valid [B, N] -> [B, N, 2] pixels; invalid entries are returned unchanged.
+  """
+  b, h, w, _ = flow.shape
+  height, width = image_hw
+  up = jax.image.resize(flow, (b, height, width, 2), 'linear')  # half-pixel, like align_corners=False
+  up = up * jnp.array([width / w, height / h], flow.dtype)
+  ix = jnp.clip(jnp.trunc(kps[..., 0]).astype(jnp.int32), 0, width - 1)
+  iy = jnp.clip(jnp.trunc(kps[..., 1]).astype(jnp.int32), 0, height - 1)
+  disp = up[jnp.arange(b)[:, None], iy, ix]  # [B, N, 2]
+  est = jnp.stack([ix, iy], -1).astype(flow.dtype) + disp
+  return jnp.where(valid[..., None], est, kps)

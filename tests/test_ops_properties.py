@@ -1,0 +1,132 @@
+"""Properties of misc_jax.ops that the golden files do not pin: gradients, the center-pivot structure,
+PCK invariants, and the memory-bounded path."""
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax
+from jax import test_util as jtu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from misc_jax.ops import conv4d
+from misc_jax.ops import correlation
+from misc_jax.ops import pck
+from misc_jax.ops import soft_argmax
+
+
+def _rand(seed, *shape):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+  jax.config.update('jax_enable_x64', True)  # finite differences need float64
+  yield
+  jax.config.update('jax_enable_x64', False)
+
+
+def test_correlation_gradients():
+  src, trg = _rand(0, 1, 3, 4, 5).astype(np.float64), _rand(1, 1, 2, 3, 5).astype(np.float64)
+  for clamp in (True, False):
+    f = lambda a, b, clamp=clamp: correlation.correlation(a, b, clamp=clamp)
+    jtu.check_grads(f, (src, trg), order=2, modes=['rev'], atol=1e-4, rtol=1e-4)
+  jtu.check_grads(lambda a: correlation.mutual_nn_filter(
+      correlation.correlation(a, trg, clamp=False)), (src,), order=1, modes=['rev'])
+
+
+def test_center_pivot_conv_gradients():
+  x = _rand(2, 1, 4, 5, 5, 4, 2).astype(np.float64)
+  module = conv4d.CenterPivotConv4d(3, (3, 3, 3, 3), (1, 1, 2, 2))
+  params = jax.tree.map(lambda p: p.astype(np.float64),
+                        module.init(jax.random.key(0), x)['params'])
+  jtu.check_grads(lambda p, x: module.apply({'params': p}, x), (params, x), order=1, modes=['rev'])
+
+
+def test_soft_argmax_gradients():
+  corr = _rand(3, 1, 3, 4, 4, 3).astype(np.float64)
+  jtu.check_grads(lambda c: soft_argmax.soft_argmax(c, 0.5), (corr,), order=2, modes=['rev'])
+  jtu.check_grads(lambda c: soft_argmax.kernel_soft_argmax(c, 2.), (corr,), order=1, modes=['rev'])
+
+
+@pytest.mark.parametrize('k', [3, 5])
+def test_full_conv4d_equals_center_pivot_with_center_pivot_kernel(k):
+  """A dense 4D kernel that is zero off the two centre planes computes the center-pivot convolution."""
+  x = _rand(4, 2, 5, 6, 4, 7, 3)
+  cp = conv4d.CenterPivotConv4d(2, (k,) * 4)
+  p = cp.init(jax.random.key(1), x)['params']
+  c = k // 2
+  dense = np.zeros((k, k, k, k, 3, 2), np.float32)
+  dense[:, :, c, c] += np.asarray(p['conv_a']['kernel'])  # source plane, target at the centre
+  dense[c, c, :, :] += np.asarray(p['conv_b']['kernel'])  # target plane, source at the centre
+  bias = p['conv_a']['bias'] + p['conv_b']['bias']
+  full = conv4d.Conv4d(2, k).apply({'params': {'kernel': dense, 'bias': bias}}, x)
+  np.testing.assert_allclose(full, cp.apply({'params': p}, x), rtol=1e-5, atol=1e-5)
+
+
+def _pck_case(draw_n=st.integers(1, 8)):
+  return st.tuples(st.integers(1, 4), draw_n, st.integers(0, 2**31 - 1))
+
+
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(_pck_case(), st.lists(st.floats(0.01, 0.5), min_size=1, max_size=4))
+def test_pck_in_unit_interval_and_monotone_in_alpha(case, alphas):
+  b, n, seed = case
+  rng = np.random.default_rng(seed)
+  gt = rng.uniform(0, 100, (b, n, 2)).astype(np.float32)
+  pred = gt + rng.normal(0, 10, (b, n, 2)).astype(np.float32)
+  valid = rng.uniform(size=(b, n)) < 0.7
+  alphas = np.sort(np.asarray(alphas, np.float32))
+  out = pck.pck(pred, gt, valid, pck.keypoint_extent_threshold(gt, valid), alphas)
+  per_image = np.asarray(out['per_image'])
+  assert ((per_image >= 0) & (per_image <= 1)).all()
+  assert (np.diff(per_image, axis=1) >= 0).all()
+  np.testing.assert_array_equal(out['count'], valid.sum(1))
+
+
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(_pck_case(), st.integers(1, 6), hnp.arrays(np.float32, 2, elements=st.floats(
+    -1e4, 1e4, width=32)))
+def test_pck_is_invariant_to_padding(case, pad, pad_value):
+  """Appending invalid keypoints with any coordinates changes neither PCK nor the extent threshold."""
+  b, n, seed = case
+  rng = np.random.default_rng(seed)
+  gt = rng.uniform(0, 100, (b, n, 2)).astype(np.float32)
+  pred = gt + rng.normal(0, 8, (b, n, 2)).astype(np.float32)
+  valid = rng.uniform(size=(b, n)) < 0.8
+  padded = lambda x, v: np.concatenate([x, np.broadcast_to(v, (b, pad) + x.shape[2:])], 1)
+  gt_p, pred_p = padded(gt, pad_value), padded(pred, -pad_value)
+  valid_p = padded(valid, False)
+  thres = pck.keypoint_extent_threshold(gt, valid)
+  np.testing.assert_array_equal(thres, pck.keypoint_extent_threshold(gt_p, valid_p))
+  a = pck.pck(pred, gt, valid, thres, [0.05, 0.1])
+  p = pck.pck(pred_p, gt_p, valid_p, thres, [0.05, 0.1])
+  for key in a:
+    np.testing.assert_array_equal(a[key], p[key])
+
+
+def test_pck_counts_exact_ties_as_correct():
+  gt = np.zeros((1, 2, 2), np.float32)
+  pred = np.array([[[3., 4.], [3., 4.01]]], np.float32)  # distances 5 and just over 5
+  out = pck.pck(pred, gt, np.ones((1, 2), bool), np.array([50.], np.float32), [0.1])
+  np.testing.assert_array_equal(out['correct'], [[1]])
+
+
+def _stack_loss(remat):
+  stack = conv4d.CenterPivotStack((16, 16), (3, 3), (1, 1), groups=4, remat=remat)
+  loss = lambda p, x: jnp.mean(stack.apply({'params': p}, x) ** 2)
+  return stack, jax.jit(jax.value_and_grad(loss))
+
+
+def test_remat_path_is_identical_and_uses_less_memory():
+  x = _rand(5, 1, 12, 12, 12, 12, 3)
+  stack, naive = _stack_loss(remat=False)
+  _, bounded = _stack_loss(remat=True)
+  params = stack.init(jax.random.key(0), x)['params']
+  (l0, g0), (l1, g1) = naive(params, x), bounded(params, x)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  temp = lambda f: f.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+  assert temp(bounded) < 0.95 * temp(naive), (temp(bounded), temp(naive))
