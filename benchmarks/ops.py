@@ -1,0 +1,111 @@
+r"""Speed and memory of the 4D operators on this machine.
+
+  python benchmarks/ops.py [--sizes 16,32,64] [--out benchmarks/results/ops.json]
+
+For the 4D correlation and the center-pivot conv (forward, and forward+backward) at feature maps of
+size x size per image: median milliseconds, GFLOP/s (FLOPs from XLA's cost analysis), and the ratio to a
+float32 matmul measured in the same run. Then the compiled temporary memory of a forward+backward through
+a three-block center-pivot stack, naive vs the memory-bounded (remat) path.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from misc_jax.ops import conv4d
+from misc_jax.ops import correlation
+
+
+def bench(fn, *args, reps):
+  """(median seconds, XLA FLOPs) of a jitted fn."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), flops
+
+
+def matmul_gflops(n=2048):
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  seconds, _ = bench(lambda a: a @ a, a, reps=10)
+  return 2 * n**3 / seconds / 1e9
+
+
+def op_cases(size, channels, cp_channels):
+  """(name, fn, args) of the benchmarked ops at one feature size."""
+  key = jax.random.key(0)
+  src = jax.random.normal(key, (1, size, size, channels))
+  trg = jax.random.normal(jax.random.fold_in(key, 1), (1, size, size, channels))
+  corr = lambda s, t: correlation.correlation(s, t)
+  corr_grad = jax.grad(lambda s, t: jnp.sum(correlation.correlation(s, t) ** 2))
+  vol = jax.random.normal(key, (1, size, size, size, size, cp_channels))
+  cp = conv4d.CenterPivotConv4d(16, (3, 3, 3, 3), (1, 1, 2, 2))
+  params = cp.init(key, vol[:, :4, :4, :4, :4])['params']
+  cp_fwd = lambda p, x: cp.apply({'params': p}, x)
+  cp_grad = jax.grad(lambda p, x: jnp.sum(cp.apply({'params': p}, x) ** 2), argnums=(0, 1))
+  return [(f'correlation C={channels}', 'fwd', corr, (src, trg)),
+          (f'correlation C={channels}', 'fwd+bwd', corr_grad, (src, trg)),
+          (f'center-pivot {cp_channels}->16 s2', 'fwd', cp_fwd, (params, vol)),
+          (f'center-pivot {cp_channels}->16 s2', 'fwd+bwd', cp_grad, (params, vol))]
+
+
+def stack_memory(size, remat):
+  x = jax.ShapeDtypeStruct((1, size, size, size, size, 3), jnp.float32)
+  stack = conv4d.CenterPivotStack((16, 64, 128), (3, 3, 3), (2, 2, 2), remat=remat)
+  params = jax.eval_shape(lambda: stack.init(jax.random.key(0), jnp.zeros(x.shape)))['params']
+  loss = lambda p, x: jnp.mean(stack.apply({'params': p}, x) ** 2)
+  compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--sizes', default='16,32,64')
+  parser.add_argument('--channels', type=int, default=256)
+  parser.add_argument('--reps', type=int, default=5)
+  parser.add_argument('--out', default=None, help='JSON file for the results')
+  args = parser.parse_args()
+  sizes = [int(s) for s in args.sizes.split(',')]
+  device = jax.devices()[0]
+  machine = f'{device.device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {platform.processor()}'
+  peak = matmul_gflops()
+  print(f'# {machine}; jax {jax.__version__}; float32 matmul 2048^3: {peak:.1f} GFLOP/s\n')
+  print(f'| op | pass | size | median ms | GFLOP | GFLOP/s | / matmul |')
+  print('|---|---|---|---|---|---|---|')
+  rows = []
+  for size in sizes:
+    for name, kind, fn, fn_args in op_cases(size, args.channels, 3):
+      reps = args.reps if size < 64 else max(2, args.reps // 2)
+      seconds, flops = bench(fn, *fn_args, reps=reps)
+      rate = flops / seconds / 1e9
+      rows.append(dict(op=name, kind=kind, size=size, ms=1e3 * seconds, gflop=flops / 1e9,
+                       gflops=rate, ratio=rate / peak))
+      print(f'| {name} | {kind} | {size} | {1e3 * seconds:.2f} | {flops / 1e9:.2f} | {rate:.1f} '
+            f'| {rate / peak:.2f} |', flush=True)
+  print('\n| stack fwd+bwd, temp memory | size | naive MiB | remat MiB |')
+  print('|---|---|---|---|')
+  memory = []
+  for size in sizes:
+    naive, bounded = stack_memory(size, False), stack_memory(size, True)
+    memory.append(dict(size=size, naive_mib=naive, remat_mib=bounded))
+    print(f'| 3 blocks 3->16->64->128, target stride 2 | {size} | {naive:.1f} | {bounded:.1f} |',
+          flush=True)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(dict(machine=machine, jax=jax.__version__, matmul_gflops=peak, ops=rows,
+                     memory=memory, date=time.strftime('%Y-%m-%d')), f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
