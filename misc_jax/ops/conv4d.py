@@ -101,10 +101,10 @@ class CenterPivotStack(nn.Module):
   """A sequence of CenterPivotBlocks.
 
   `remat=True` is the memory-bounded path: each block's activations are recomputed in the backward pass
-  (`jax.checkpoint`), so a step keeps only the block inputs alive; the values are identical. Each remat
-  block runs as a one-step scan: XLA:CPU drops the optimisation barriers that keep a recomputation from
-  being merged back into the forward pass, but it cannot merge across loop bodies, so the saving is real
-  on every backend.
+  (`jax.checkpoint`), so a step keeps only the block inputs alive; values agree with the plain stack to
+  float32 rounding. Each remat block runs as a one-step scan: XLA:CPU drops the optimisation barriers
+  that keep a recomputation from being merged back into the forward pass, but it cannot merge across
+  loop bodies, so the saving is real on every backend (docs/performance.md has the numbers).
   """
   features: Sequence[int]
   kernel_sizes: Sequence[int]
