@@ -118,9 +118,9 @@ def validate_pair(example: dict, *, dataset: str, split: str, key: str) -> None:
   """Validates both sides of a pair (see `validate_side`)."""
   for name in SIDES:
     validate_side(example[name], dataset=dataset, split=split, key=key, name=name)
-  for name in SIDES:
-    k = np.asarray(example[name]['keypoints']).shape[1]
-    if k != np.asarray(example['source']['keypoints']).shape[1]:
-      raise InvalidExampleError(
-          f'{dataset}/{split} example {key!r}: field {name}/keypoints: {k} keypoints per '
-          'instance, the source has a different number')
+  k_source = np.asarray(example['source']['keypoints']).shape[1]
+  k_target = np.asarray(example['target']['keypoints']).shape[1]
+  if k_source != k_target:
+    raise InvalidExampleError(
+        f'{dataset}/{split} example {key!r}: field target/keypoints: {k_target} keypoints per '
+        f'instance, the source has {k_source}')

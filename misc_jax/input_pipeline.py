@@ -121,7 +121,7 @@ def preprocess(example, *, config: ml_collections.ConfigDict, train: bool, index
   return out
 
 
-def _load(config, split, *, process_split):
+def _load(config, process_split):
   builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
   decoders = {side: {'image': _SKIP, 'masks': _SKIP} for side in features.SIDES}
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, interleave_cycle_length=1)
@@ -151,7 +151,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
   """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices)."""
   batch_size = _per_process_batch(config)
   split = tfds.split_for_jax_process(config.dataset.train_split, drop_remainder=True)
-  ds, _ = _load(config, config.dataset.train_split, process_split=split)
+  ds, _ = _load(config, split)
   ds = ds.repeat().shuffle(config.input.shuffle_buffer, seed=config.seed,
                            reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * batch_size)  # Skipping still-encoded records is cheap.
@@ -167,8 +167,7 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, *,
   """One pass over `split` in order; the last batches are padded (valid=False) so every process runs
   the same number of steps, ceil(ceil(N / processes) / per-process batch)."""
   batch_size = _per_process_batch(config)
-  ds, builder = _load(config, split, process_split=tfds.split_for_jax_process(
-      split, drop_remainder=False))
+  ds, builder = _load(config, tfds.split_for_jax_process(split, drop_remainder=False))
   total = builder.info.splits[split].num_examples
   num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch_size)
   ds = ds.map(lambda ex: preprocess(_decode(ex), config=config, train=False),

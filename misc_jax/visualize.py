@@ -37,7 +37,7 @@ def save_pairs(batch: dict, path: str, num_pairs: int = 4, category_names=None) 
                  for k, v in batch[side].items()} for side in ('source', 'target')}
   valid = np.reshape(batch['valid'], -1)
   category = np.reshape(batch['category'], -1)
-  rows = [b for b in np.nonzero(valid)[0][:num_pairs]]
+  rows = np.nonzero(valid)[0][:num_pairs]
   fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
   for r, b in enumerate(rows):
     name = category_names[category[b]] if category_names else str(category[b])

@@ -120,3 +120,12 @@ def test_builder_rejects_a_malformed_record(monkeypatch, tmp_path):
                      match="synthetic_misc/validation example 'validation_000001': field "
                            "target/bboxes: zero-area"):
     build.build('synthetic_misc/tiny', str(tmp_path))
+
+
+def test_validation_rejects_different_keypoint_counts_in_a_pair():
+  ex = synthetic.make_pair(CONFIGS['tiny'], 'train', 1)
+  ex['target']['keypoints'] = ex['target']['keypoints'][:, :-1]
+  ex['target']['keypoint_visible'] = ex['target']['keypoint_visible'][:, :-1]
+  with pytest.raises(features.InvalidExampleError,
+                     match='field target/keypoints: 11 keypoints per instance, the source has 12'):
+    features.validate_pair(ex, dataset='synthetic_misc', split='train', key='train_000001')
