@@ -1,0 +1,1 @@
+"""Models; `config.model.name` selects `misc_jax/models/<name>.py`."""

@@ -1,0 +1,54 @@
+"""The Flax ResNet-101 with converted torchvision weights matches torchvision (shared/golden formula)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from misc_jax.models import resnet
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
+
+
+def _state_dict():
+  """Rebuilds the formula-defined state_dict of shared/golden/README.md section 10."""
+  with open(os.path.join(GOLDEN, 'torchvision_resnet101_state_dict_spec.json')) as f:
+    spec = json.load(f)
+  out = {}
+  for i, (key, shape) in enumerate(spec):
+    n = int(np.prod(shape)) if shape else 1
+    base = np.sin(0.7 * np.arange(n) + 1.3 * i).reshape(shape)
+    if key.endswith('num_batches_tracked'):
+      value = np.zeros(shape, np.int64)
+    elif len(shape) > 1:
+      value = base / np.sqrt(np.prod(shape[1:]))
+    elif key.endswith('running_var'):
+      value = 1 + 0.5 * base**2
+    elif key.endswith('running_mean'):
+      value = 0.1 * base
+    elif key.endswith('bn3.weight'):
+      value = 0.2 * (1 + 0.1 * base)
+    elif key.endswith('.weight'):
+      value = 1 + 0.1 * base
+    else:
+      value = 0.1 * base
+    out[key] = value.astype(np.float32) if value.dtype == np.float64 else value
+  return out
+
+
+def test_resnet101_matches_torchvision():
+  golden = np.load(os.path.join(GOLDEN, 'torchvision_resnet101_features.npz'))
+  variables = resnet.torchvision_to_flax(_state_dict())
+  model = resnet.ResNet(resnet.STAGE_SIZES['resnet101'], num_classes=1000)
+  image = np.sin(0.05 * np.arange(3 * 96 * 128)).reshape(1, 3, 96, 128).astype(np.float32)
+  out = jax.jit(model.apply)(variables, image.transpose(0, 2, 3, 1))
+  nchw = lambda x: np.asarray(x).transpose(0, 3, 1, 2)
+  tol = dict(rtol=1e-4, atol=1e-4)
+  for key in ('stem', 'layer1', 'layer2', 'layer3', 'layer4'):
+    np.testing.assert_allclose(nchw(out[key]), golden[key], err_msg=key, **tol)
+  layer3_blocks = out['blocks'][3 + 4:3 + 4 + 23]
+  for j, block in enumerate(layer3_blocks):
+    np.testing.assert_allclose(nchw(block), golden['layer3_block_outputs'][j], err_msg=f'block {j}',
+                               **tol)
+  np.testing.assert_allclose(out['logits'], golden['logits'], **tol)
