@@ -55,14 +55,19 @@ def kernel_soft_argmax(corr, sigma: float = 17.):
   return coords.reshape(b, ha, wa, 2)
 
 
+def _half_size_xy(image_hw):
+  return jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
+
+
 def normalize_keypoints(kps, image_hw):
   """Pixels -> [-1, 1] as CHM: (v - size/2) / (size/2), per axis; kps [..., 2] (x, y)."""
-  half = jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
+  half = _half_size_xy(image_hw)
   return (kps - half) / half
 
 
 def unnormalize_keypoints(kps, image_hw):
-  half = jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
+  """The inverse of `normalize_keypoints`."""
+  half = _half_size_xy(image_hw)
   return kps * half + half
 
 
