@@ -1,45 +1,41 @@
-r"""The default demo: the embedded synthetic multi-instance dataset, no download.
+r"""The default demo: KBCNet-tiny trained from scratch on the embedded synthetic dataset, no download.
 
   python -m misc_jax.main --config configs/synthetic.py --workdir runs/demo
   python -m misc_jax.main --config configs/synthetic.py:smoke --workdir /tmp/smoke   # seconds, for tests
 
-Today the job builds the dataset (about 50 s on 2 cores for `default`), writes the resolved config and
-draws a batch of pairs to `workdir/data_preview.png`; training KBCNet arrives with the training issue.
+The first run builds synthetic_misc/default (about 50 s on 2 cores). On 2 CPU cores the run takes under
+10 minutes and reaches validation PCK@0.1 (bbox) well above the untrained model's; docs/training.md has
+the measured numbers and the learning curve.
 """
 
-import ml_collections
+from configs import common
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = 8  # global, across all processes and devices
-
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'synthetic_misc/default'
-  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-
-  config.input = ml_collections.ConfigDict()
-  config.input.image_size = 256
-  config.input.keep_aspect = False  # False: stretch to a square, as the peers do for PCK
+def get_config(arg: str | None = None):
+  config = common.kbcnet_config('kbcnet_tiny', 'synthetic_misc/default', image_size=128)
+  config.batch_size = 16
+  config.total_steps = 1500
+  config.log_every_steps = 25
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 250
   config.input.max_instances = 4
   config.input.max_keypoints = 12
   config.input.shuffle_buffer = 512
-  config.input.prefetch = 2
-  config.input.augment = ml_collections.ConfigDict()
-  config.input.augment.photometric = True
-  config.input.augment.brightness = 0.1  # max delta, images in [0, 1]
-  config.input.augment.contrast = 0.2    # factor range 1 +- this
-  config.input.augment.saturation = 0.2
+  config.optim.lr = 2e-3
+  config.optim.backbone_lr = 2e-3  # trained from scratch: no pretrained backbone to protect
+  config.optim.warmup_steps = 100
 
   if arg == 'smoke':
     config.dataset.name = 'synthetic_misc/tiny'
     config.batch_size = 8
+    config.total_steps = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 4
+    config.checkpoint_every_steps = 2
     config.input.image_size = 64
     config.input.max_instances = 3
     config.input.shuffle_buffer = 8
+    config.optim.warmup_steps = 2
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; expected "smoke" or nothing')
   return config

@@ -146,19 +146,40 @@ def _per_process_batch(config):
   return batch // procs
 
 
-def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
-                   to_device: bool = True) -> Iterator[dict]:
-  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices)."""
-  batch_size = _per_process_batch(config)
-  split = tfds.split_for_jax_process(config.dataset.train_split, drop_remainder=True)
+def _train_shard(config, split, shard: int, num_shards: int, batch_size: int, start_step: int):
+  """Batches of one data shard: repeat, seeded shuffle, skip to `start_step`, decode, preprocess."""
   ds, _ = _load(config, split)
   ds = ds.repeat().shuffle(config.input.shuffle_buffer, seed=config.seed,
                            reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * batch_size)  # Skipping still-encoded records is cheap.
-  ds = ds.map(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=i),
+  index = lambda i: i * num_shards + shard  # augmentation seed, unique across shards
+  ds = ds.map(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=index(i)),
               num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  batches = map(_shard_for_devices, tfds.as_numpy(ds))
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                   to_device: bool = True) -> Iterator[dict]:
+  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices).
+
+  The split is cut into `config.input.data_shards` even shards (the number of processes when unset);
+  a global batch is the concatenation of one batch from each shard in order, and each process reads only
+  its own shards. So the global batches depend on data_shards, never on how many processes share them:
+  one process with data_shards=2 trains on exactly what two processes do.
+  """
+  num_shards = config.input.data_shards or jax.process_count()
+  procs = jax.process_count()
+  if num_shards % procs or config.batch_size % num_shards:
+    raise ValueError(f'config.input.data_shards={num_shards} must be a multiple of the {procs} '
+                     f'processes and divide config.batch_size={config.batch_size}')
+  per_process, per_shard = num_shards // procs, config.batch_size // num_shards
+  _per_process_batch(config)  # checks the device split
+  splits = tfds.even_splits(config.dataset.train_split, n=num_shards, drop_remainder=True)
+  mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  streams = [_train_shard(config, splits[s], s, num_shards, per_shard, start_step) for s in mine]
+  ds = tf.data.Dataset.zip(tuple(streams)).map(
+      lambda *b: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *b))
+  batches = map(_shard_for_devices, tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
   return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches
 
 

@@ -48,3 +48,71 @@ def save_pairs(batch: dict, path: str, num_pairs: int = 4, category_names=None) 
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def save_correspondences(result: dict, path: str, num_pairs: int = 4, alpha: float = 0.1,
+                         threshold: str = 'bbox') -> None:
+  """Source | target rows with a line from each source keypoint to its predicted target keypoint: green
+  when within alpha * threshold of the truth (ringed), red otherwise. `result` is an evaluator's first
+  batch: {'batch': pipeline batch [D, B, ...], 'prediction': {'src', 'pred', 'gt', 'valid', 'bbox'}}."""
+  flat = _flatten_devices(result)
+  batch, out = flat['batch'], flat['prediction']
+  rows = np.nonzero(batch['valid'])[0][:num_pairs]
+  fig, axes = plt.subplots(len(rows), 1, figsize=(6, 3 * len(rows)), squeeze=False)
+  for ax, b in zip(axes[:, 0], rows):
+    src, trg = batch['source']['image'][b], batch['target']['image'][b]
+    ax.imshow(np.concatenate([src, trg], axis=1))
+    width = src.shape[1]
+    box = out['bbox'][b]
+    scale = max(box[2] - box[0], box[3] - box[1]) if threshold == 'bbox' else max(trg.shape[:2])
+    for k in np.nonzero(out['valid'][b])[0]:
+      (sx, sy), (px, py), (gx, gy) = out['src'][b, k], out['pred'][b, k], out['gt'][b, k]
+      hit = np.hypot(px - gx, py - gy) <= alpha * scale
+      colour = 'lime' if hit else 'red'
+      ax.plot([sx, px + width], [sy, py], color=colour, lw=0.8)
+      ax.scatter([sx, px + width], [sy, py], c=colour, s=10)
+      ax.scatter([gx + width], [gy], s=40, facecolors='none', edgecolors='white', linewidths=0.8)
+    ax.set_title(f'PCK@{alpha:g}: green within {alpha:g} x {threshold} size of the truth (rings)',
+                 fontsize=8)
+    ax.set_axis_off()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _flatten_devices(tree):
+  """[D, B, ...] leaves -> [D * B, ...]."""
+  return {k: _flatten_devices(v) if isinstance(v, dict) else
+          np.reshape(v, (-1,) + np.shape(v)[2:]) for k, v in tree.items()}
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar a run wrote to its TensorBoard events: tag -> sorted [(step, value)]; where a resumed
+  run wrote a step again, the last value wins."""
+  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  series = {}
+  for tag in acc.Tags()['tensors']:
+    last = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+    series[tag] = sorted(last.items())
+  return series
+
+
+def plot_learning_curve(workdir: str, path: str) -> None:
+  """Training loss and validation PCK against step, read back from the run's TensorBoard events."""
+  series = read_scalars(workdir)
+  fig, (ax_loss, ax_pck) = plt.subplots(1, 2, figsize=(10, 3.6))
+  if 'train/loss' in series:
+    ax_loss.plot(*zip(*series['train/loss']), label='train loss')
+  ax_loss.set(xlabel='step', ylabel='keypoint error (image sides)', yscale='log')
+  ax_loss.legend()
+  for tag in sorted(t for t in series if t.startswith('eval/pck@')):
+    ax_pck.plot(*zip(*series[tag]), marker='o', label=tag[5:])
+  ax_pck.set(xlabel='step', ylabel='validation PCK', ylim=(0, 1))
+  ax_pck.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -11,7 +11,7 @@ from misc_jax.models import resnet
 GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
 
 
-def _state_dict():
+def formula_state_dict():
   """Rebuilds the formula-defined state_dict of shared/golden/README.md section 10."""
   with open(os.path.join(GOLDEN, 'torchvision_resnet101_state_dict_spec.json')) as f:
     spec = json.load(f)
@@ -39,7 +39,7 @@ def _state_dict():
 
 def test_resnet101_matches_torchvision():
   golden = np.load(os.path.join(GOLDEN, 'torchvision_resnet101_features.npz'))
-  variables = resnet.torchvision_to_flax(_state_dict())
+  variables = resnet.torchvision_to_flax(formula_state_dict())
   model = resnet.ResNet(resnet.STAGE_SIZES['resnet101'], num_classes=1000)
   image = np.sin(0.05 * np.arange(3 * 96 * 128)).reshape(1, 3, 96, 128).astype(np.float32)
   out = jax.jit(model.apply)(variables, image.transpose(0, 2, 3, 1))

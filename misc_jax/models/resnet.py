@@ -12,6 +12,16 @@ import numpy as np
 
 STAGE_SIZES = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
 
+# The one place images meet ImageNet statistics: torchvision's mean and std of RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images, dtype=jnp.float32):
+  """uint8 (or float in [0, 255]) RGB [..., 3] -> (x / 255 - mean) / std, the input every ResNet expects."""
+  x = jnp.asarray(images, jnp.float32) / 255.
+  return ((x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)).astype(dtype)
+
 
 def _norm(name, dtype):
   return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype, name=name)
@@ -38,21 +48,23 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
   """x [B, H, W, 3] (already normalised) -> dict of stem, layer1..4, blocks (every bottleneck output,
-  in order) and, with num_classes, logits."""
+  in order) and, with num_classes, logits. `width` 64 is torchvision's; smaller ones make test variants."""
   stage_sizes: Sequence[int]
   num_classes: int | None = None
+  width: int = 64
   dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(64, (7, 7), (2, 2), [(3, 3)] * 2, use_bias=False, dtype=self.dtype, name='conv1')(x)
+    x = nn.Conv(self.width, (7, 7), (2, 2), [(3, 3)] * 2, use_bias=False, dtype=self.dtype,
+                name='conv1')(x)
     x = nn.relu(_norm('bn1', self.dtype)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), [(1, 1)] * 2)
     out, blocks = {'stem': x}, []
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         stride = 2 if i > 0 and j == 0 else 1
-        x = Bottleneck(64 * 2**i, stride, j == 0, self.dtype, name=f'layer{i + 1}_{j}')(x)
+        x = Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, name=f'layer{i + 1}_{j}')(x)
         blocks.append(x)
       out[f'layer{i + 1}'] = x
     out['blocks'] = blocks

@@ -1,8 +1,10 @@
 """From score volumes to coordinates: soft-argmax (CATs), Gaussian-kernel soft-argmax and keypoint
 transfer (CHM), and flow to keypoints (CATs).
 
-Normalised coordinates follow the references: a feature grid of n cells spans linspace(-1, 1, n) (corner
-aligned), while image pixels normalise as (v - size/2) / (size/2), CHM's convention. Keypoints are
+Normalised coordinates: image pixels normalise as (v - size/2) / (size/2), CHM's convention. The references
+place a feature grid of n cells at linspace(-1, 1, n) (`align_corners=True`, the default, for parity), half
+a cell off the pixel centres of those cells; our models use `align_corners=False`, cell i at
+(2i + 1) / n - 1, so that a keypoint on a cell's pixel centre maps to that cell exactly. Keypoints are
 [B, N, 2] (x, y) with a validity mask [B, N]; invalid entries are returned unchanged.
 """
 
@@ -10,19 +12,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _grid(h, w):
+def _axis(n, align_corners):
+  return jnp.linspace(-1, 1, n) if align_corners else (2 * jnp.arange(n) + 1) / n - 1
+
+
+def _grid(h, w, align_corners=True):
   """[h * w, 2] normalised (x, y) of every cell of an h x w grid, row-major."""
-  ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing='ij')
+  ys, xs = jnp.meshgrid(_axis(h, align_corners), _axis(w, align_corners), indexing='ij')
   return jnp.stack([xs.ravel(), ys.ravel()], -1)
 
 
-def soft_argmax(corr, beta: float = 0.02):
+def soft_argmax(corr, beta: float = 0.02, align_corners: bool = True):
   """CATs' soft-argmax: for every target cell, the expected source position under a softmax with
   temperature `beta` over the source dims. corr [B, Ha, Wa, Hb, Wb] -> [B, Hb, Wb, 2] normalised (x, y)."""
   b, ha, wa, hb, wb = corr.shape
   logits = corr.reshape(b, ha * wa, hb * wb) / beta  # [B, Sa, Sb]
   prob = jax.nn.softmax(logits, axis=1)
-  coords = jnp.einsum('bst,sd->btd', prob, _grid(ha, wa))  # [B, Sb, 2]
+  coords = jnp.einsum('bst,sd->btd', prob, _grid(ha, wa, align_corners))  # [B, Sb, 2]
   return coords.reshape(b, hb, wb, 2)
 
 
@@ -36,7 +42,7 @@ def grid_to_flow(grid, source_hw):
   return jnp.stack([x, y], -1)
 
 
-def kernel_soft_argmax(corr, sigma: float = 17.):
+def kernel_soft_argmax(corr, sigma: float = 17., align_corners: bool = True):
   """CHM's Gaussian-kernel soft-argmax: for every source cell, the expected target position under a
   softmax (no temperature) of the scores times a Gaussian around their argmax.
 
@@ -51,7 +57,7 @@ def kernel_soft_argmax(corr, sigma: float = 17.):
   dist2 = (tx - cx[..., None])**2 + (ty - cy[..., None])**2  # [B, Sa, Sb]
   gauss = jnp.exp(-dist2 / (2 * sigma**2))
   prob = jax.nn.softmax(gauss * scores, axis=2)
-  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb))
+  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, align_corners))
   return coords.reshape(b, ha, wa, 2)
 
 
@@ -88,6 +94,26 @@ def transfer_keypoints(target_coords, src_kps, valid, attn_thres: float = 0.1):
   weight = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1), nearest)
   pred = jnp.einsum('bns,bsd->bnd', weight, target_coords.reshape(b, ha * wa, 2))
   return jnp.where(valid[..., None], pred, src_kps)
+
+
+def interpolate_at_keypoints(values, kps, valid):
+  """Bilinear interpolation of a per-cell map at keypoints, linear extrapolation past the outer cell
+  centres (so a map linear in position is reproduced exactly everywhere; `align_corners=False` cells).
+
+  values [B, H, W, D], kps [B, N, 2] normalised, valid [B, N] -> [B, N, D] (0 where invalid).
+  """
+  b, h, w, _ = values.shape
+  u = (kps + 1) * jnp.array([w, h], kps.dtype) / 2 - 0.5  # [B, N, 2] cell coordinates (x, y)
+  lo = jnp.clip(jnp.floor(u), 0, jnp.array([w - 2, h - 2])).astype(jnp.int32)
+  lo = jnp.maximum(lo, 0)  # one-cell axes
+  t = u - lo  # not clipped: extrapolates outside [0, n - 1]
+  hi = jnp.minimum(lo + 1, jnp.array([w - 1, h - 1]))
+  rows = jnp.arange(b)[:, None]
+  at = lambda x, y: values[rows, y, x]  # [B, N, D]
+  tx, ty = t[..., :1], t[..., 1:]
+  top = at(lo[..., 0], lo[..., 1]) * (1 - tx) + at(hi[..., 0], lo[..., 1]) * tx
+  bottom = at(lo[..., 0], hi[..., 1]) * (1 - tx) + at(hi[..., 0], hi[..., 1]) * tx
+  return jnp.where(valid[..., None], top * (1 - ty) + bottom * ty, 0)
 
 
 def flow_to_keypoints(flow, kps, valid, image_hw):

@@ -1,0 +1,68 @@
+"""The fields every KBCNet experiment sets; each configs/<experiment>.py starts from `kbcnet_config`."""
+
+import ml_collections
+
+from misc_jax.models import kbcnet
+
+placeholder = ml_collections.config_dict.placeholder
+
+
+def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections.ConfigDict:
+  """A complete config: data, KBCNet `variant`, optimiser, schedule, evaluation, checkpoints."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 8  # global, across all processes and devices
+  config.total_steps = 10_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = dataset
+  config.dataset.data_dir = placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'validation'
+
+  config.input = ml_collections.ConfigDict()
+  config.input.image_size = image_size
+  config.input.keep_aspect = False  # False: stretch to a square, as the peers do for PCK
+  config.input.max_instances = 1
+  config.input.max_keypoints = 30
+  config.input.shuffle_buffer = 1024
+  config.input.prefetch = 2
+  config.input.data_shards = placeholder(int)  # None: one per process (see input_pipeline.py)
+  config.input.augment = ml_collections.ConfigDict()
+  config.input.augment.photometric = True
+  config.input.augment.brightness = 0.1  # max delta, images in [0, 1]
+  config.input.augment.contrast = 0.2    # factor range 1 +- this
+  config.input.augment.saturation = 0.2
+
+  config.model = ml_collections.ConfigDict(dict(name='kbcnet', variant=variant,
+                                                **kbcnet.decode_variant(variant)))
+  config.model.decoder_groups = 4
+  config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
+  config.model.remat = False          # recompute decoder activations in the backward pass
+  config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
+  config.model.transfer = 'soft_argmax'  # or 'kernel_soft_argmax'
+  config.model.beta = 0.02            # softmax temperature of the transfer
+  config.model.sigma = 5.0            # Gaussian of kernel_soft_argmax, in feature cells
+  config.model.match_loss_weight = 0.1  # cross-entropy on true target cells, next to the EPE
+  config.model.freeze_stages = 0      # 0: train all; 1: freeze the stem; 2: stem and layer1; ...
+  config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
+  config.model.init_from = placeholder(str)      # another run's workdir: start from its params
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-3
+  config.optim.backbone_lr = 1e-4
+  config.optim.weight_decay = 1e-4
+  config.optim.warmup_steps = 200
+  config.optim.final_lr_fraction = 0.01
+  config.optim.grad_clip = 1.0
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.alphas = (0.05, 0.1, 0.15)
+  config.eval.threshold = 'bbox'  # 'bbox' (SPair-71k, PF-WILLOW) or 'image' (PF-PASCAL)
+  config.eval.best_metric = 'pck@0.1'
+  config.eval.plot_alpha = 0.1
+  return config

@@ -1,0 +1,91 @@
+"""PCK evaluator: transfer the source keypoints of every pair of a split and report PCK@alphas.
+
+Protocol (REFERENCE.md section 4): keypoints of source instance 0, scored against the closest target
+instance (see models/kbcnet.py); threshold alpha * max(w, h) of that instance's box (`bbox`, SPair-71k,
+PF-WILLOW) or of the network input (`image`, PF-PASCAL, whose inputs are resized to a square). Per-image
+PCK (the field's headline number) averages over pairs with a valid keypoint; per-keypoint PCK pools them.
+"""
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from misc_jax import input_pipeline
+from misc_jax.ops import pck
+
+
+def transfer_kwargs(model_config):
+  return dict(transfer=model_config.transfer, beta=model_config.beta, sigma=model_config.sigma)
+
+
+def predict(state, batch, *, model_module, config):
+  """Predicted target keypoints [B, K, 2] of source instance 0, plus the targets they are scored on."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  scores = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
+  src_kps, src_valid, trg_kps, valid, boxes = model_module.instance_targets(batch)
+  size = config.input.image_size
+  pred = model_module.predict_keypoints(scores, src_kps, src_valid, size,
+                                        **transfer_kwargs(config.model))
+  _, best, _ = model_module.match_instances(pred, trg_kps, valid, size)
+  take = lambda x: jnp.take_along_axis(x, best.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
+  return {'src': src_kps, 'pred': pred, 'gt': take(trg_kps), 'valid': take(valid),
+          'bbox': take(boxes)}
+
+
+def eval_step(state, batch, *, model_module, config, num_categories: int):
+  """Sums over all devices of one batch's PCK counts, and this device's predictions."""
+  out = predict(state, batch, model_module=model_module, config=config)
+  size = config.input.image_size
+  b = out['pred'].shape[0]
+  if config.eval.threshold == 'bbox':
+    threshold = pck.bbox_threshold(out['bbox'])
+  else:
+    threshold = pck.image_threshold((size, size), b)
+  res = pck.pck(out['pred'], out['gt'], out['valid'], threshold, config.eval.alphas)
+  counted = (batch['valid'] & (res['count'] > 0)).astype(jnp.float32)  # [B]
+  by_category = jax.nn.one_hot(batch['category'], num_categories) * counted[:, None]  # [B, C]
+  sums = {
+      'per_image': counted @ res['per_image'],  # [A]
+      'correct': counted @ res['correct'],
+      'keypoints': counted @ res['count'],
+      'pairs': counted.sum(),
+      'category_per_image': by_category.T @ res['per_image'],  # [C, A]
+      'category_pairs': by_category.sum(0),
+  }
+  return lax.psum(sums, 'batch'), out
+
+
+class Evaluator:
+  """Runs `eval_step` over one split under pmap; `evaluate(p_state)` -> (metrics, first host batch)."""
+
+  def __init__(self, config, model_module, split: str, category_names):
+    self.config, self.split, self.category_names = config, split, list(category_names)
+    step = functools.partial(eval_step, model_module=model_module, config=config,
+                             num_categories=len(self.category_names))
+    self._p_step = jax.pmap(step, axis_name='batch')
+
+  def evaluate(self, p_state):
+    total, first = None, None
+    for batch in input_pipeline.eval_iterator(self.config, self.split):
+      sums, out = self._p_step(p_state, batch)
+      sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)  # identical on every device
+      total = sums if total is None else jax.tree.map(np.add, total, sums)
+      if first is None:
+        first = jax.device_get({'batch': batch, 'prediction': out})
+    return self._metrics(total), first
+
+  def _metrics(self, total):
+    pairs = max(total['pairs'], 1)
+    metrics = {'num_pairs': int(total['pairs']), 'num_keypoints': int(total['keypoints'])}
+    for i, alpha in enumerate(self.config.eval.alphas):
+      metrics[f'pck@{alpha:g}'] = float(total['per_image'][i] / pairs)
+      metrics[f'pck_keypoint@{alpha:g}'] = float(total['correct'][i] / max(total['keypoints'], 1))
+    metrics['per_category'] = {
+        name: {f'pck@{a:g}': float(total['category_per_image'][c, i] / n)
+               for i, a in enumerate(self.config.eval.alphas)} | {'num_pairs': int(n)}
+        for c, name in enumerate(self.category_names)
+        if (n := total['category_pairs'][c]) > 0}
+    return metrics

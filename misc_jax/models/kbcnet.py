@@ -1,0 +1,188 @@
+"""KBCNet (Jin and Li, 2024): ResNet hyperpixels -> CSFA -> multi-layer 4D correlation -> center-pivot 4D
+decoder -> score volume [B, Ha*Wa, Hb, Wb] -> keypoint transfer.
+
+The paper leaves these open (REFERENCE.md section 1); each is a field of `config.model`:
+- CSFA: the stride-8, 16 and 32 stage outputs are projected to `csfa_dim` channels and resampled to the
+  feature grid (image_size / feature_stride per side); at every location the three scale tokens attend to
+  each other (one pre-norm transformer layer across scales), so each token mixes fine detail with deep
+  semantics. Each aligned token gives one layer of the multi-layer correlation.
+- Decoder: HSNet's center-pivot blocks (conv + GroupNorm + ReLU, stride on the target dims). The scores are
+  a learnt mix of the correlation layers at full resolution plus the decoder's output, upsampled over the
+  target dims: the residual keeps full target resolution however much the decoder strides.
+- Transfer: for every source cell the expected target position (soft-argmax with temperature `beta`, or
+  CHM's Gaussian-kernel soft-argmax), read at each keypoint by bilinear interpolation; that is exact for
+  an identity map, where CHM's attentive indexing is biased by up to half a cell.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from misc_jax.models import resnet
+from misc_jax.ops import conv4d
+from misc_jax.ops import correlation
+from misc_jax.ops import soft_argmax
+
+VARIANTS = {
+    'kbcnet_tiny': dict(stage_sizes=(1, 1, 1, 1), width=16, csfa_dim=32, csfa_heads=2,
+                        decoder_features=(8, 16, 16), decoder_kernels=(3, 3, 3),
+                        decoder_strides=(2, 2, 1)),
+    'kbcnet_r50': dict(stage_sizes=resnet.STAGE_SIZES['resnet50'], width=64, csfa_dim=128,
+                       csfa_heads=4, decoder_features=(16, 64, 128), decoder_kernels=(3, 3, 3),
+                       decoder_strides=(2, 2, 1)),
+    'kbcnet_r101': dict(stage_sizes=resnet.STAGE_SIZES['resnet101'], width=64, csfa_dim=128,
+                        csfa_heads=4, decoder_features=(16, 64, 128), decoder_kernels=(3, 3, 3),
+                        decoder_strides=(2, 2, 1)),
+}
+
+
+def decode_variant(name: str) -> dict:
+  """'kbcnet_r101' -> the architecture fields of that variant (a config writes them into config.model)."""
+  if name not in VARIANTS:
+    raise ValueError(f'unknown KBCNet variant {name!r}; expected one of {sorted(VARIANTS)}')
+  return dict(VARIANTS[name])
+
+
+def from_config(model_config) -> 'KBCNet':
+  """config.model -> KBCNet (the transfer and initialisation fields are read by the train step)."""
+  c = model_config
+  return KBCNet(tuple(c.stage_sizes), c.width, c.csfa_dim, c.csfa_heads, tuple(c.decoder_features),
+                tuple(c.decoder_kernels), tuple(c.decoder_strides), c.decoder_groups,
+                c.feature_stride, c.remat, c.dtype)
+
+
+class CSFA(nn.Module):
+  """Cross-scale feature alignment: feature maps of S scales -> aligned tokens [B, H, W, S, dim]."""
+  dim: int
+  heads: int
+  mlp_ratio: int = 2
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, feats, hw):
+    tokens = []
+    for s, f in enumerate(feats):
+      t = nn.Dense(self.dim, dtype=self.dtype, name=f'proj{s}')(f)
+      tokens.append(jax.image.resize(t, (t.shape[0], *hw, self.dim), 'linear'))
+    x = jnp.stack(tokens, axis=3)  # x: [B, H, W, S, dim]
+    x = x + self.param('scale_embedding', nn.initializers.normal(0.02), x.shape[3:])
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype)(y)  # across the S tokens
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.Dense(self.dim * self.mlp_ratio, dtype=self.dtype)(y)
+    return x + nn.Dense(self.dim, dtype=self.dtype)(nn.gelu(y))
+
+
+class KBCNet(nn.Module):
+  """(source, target) uint8 images [B, S, S, 3] -> scores [B, Ha*Wa, Hb, Wb] (float32).
+
+  Ha = Wa = Hb = Wb = S / feature_stride. Backbone BatchNorm statistics are frozen (running averages).
+  """
+  stage_sizes: tuple[int, ...]
+  width: int
+  csfa_dim: int
+  csfa_heads: int
+  decoder_features: tuple[int, ...]
+  decoder_kernels: tuple[int, ...]
+  decoder_strides: tuple[int, ...]
+  decoder_groups: int = 4
+  feature_stride: int = 8
+  remat: bool = False
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, source, target):
+    dtype = jnp.dtype(self.dtype)
+    b, size = source.shape[0], source.shape[1]
+    images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
+    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, name='backbone')(images)
+    hw = (size // self.feature_stride,) * 2
+    tokens = CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
+        [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]
+    src, trg = tokens[:b], tokens[b:]
+    corr = jnp.stack([correlation.correlation(src[..., s, :], trg[..., s, :])
+                      for s in range(tokens.shape[3])], axis=-1)  # corr: [B, Ha, Wa, Hb, Wb, S]
+    decoded = conv4d.CenterPivotStack(
+        self.decoder_features, self.decoder_kernels, self.decoder_strides, self.decoder_groups,
+        self.remat, dtype, name='decoder')(corr.astype(dtype))  # [B, Ha, Wa, hb, wb, F]
+    refine = nn.Dense(1, dtype=dtype, name='refine_head')(decoded)[..., 0].astype(jnp.float32)
+    refine = jax.image.resize(refine, corr.shape[:5], 'linear')  # [B, Ha, Wa, Hb, Wb]
+    base = nn.Dense(1, name='corr_head')(corr)[..., 0]
+    return (base + refine).reshape(b, hw[0] * hw[1], *hw)
+
+
+def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 'soft_argmax',
+                      beta: float = 0.02, sigma: float = 5.):
+  """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
+  [B, Ha*Wa, Hb, Wb] to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is 'soft_argmax'
+  (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on scores / beta,
+  Gaussian sigma in cells)."""
+  b, sa, hb, wb = scores.shape
+  ha = round(sa**0.5)
+  if ha * ha != sa:
+    raise ValueError(f'scores {scores.shape}: the source grid must be square')
+  vol = scores.reshape(b, ha, ha, hb, wb).astype(jnp.float32)  # [B, Ha, Wa, Hb, Wb]
+  if transfer == 'soft_argmax':
+    coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, align_corners=False)
+  elif transfer == 'kernel_soft_argmax':
+    coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, align_corners=False)
+  else:
+    raise ValueError(f'unknown transfer {transfer!r}; expected soft_argmax or kernel_soft_argmax')
+  hw = (image_size, image_size)
+  norm = soft_argmax.normalize_keypoints(kps, hw)
+  pred = soft_argmax.unnormalize_keypoints(soft_argmax.interpolate_at_keypoints(coords, norm, valid), hw)
+  return jnp.where(valid[..., None], pred, kps)  # invalid keypoints: unchanged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets and loss. The source keypoints are those of source instance 0. In a multi-instance image every
+# target instance of the category is a correct answer (REFERENCE.md section 1), so each prediction is
+# scored against the target instance it is closest to (mean error over the keypoints valid in both); with
+# one instance per image (SPair-71k, PF-PASCAL, PF-WILLOW) this is the standard protocol.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def instance_targets(batch):
+  """A batch (input_pipeline layout, one device) -> source keypoints [B, K, 2] and their mask [B, K];
+  target keypoints [B, I, K, 2], mask [B, I, K] (valid in both images) and boxes [B, I, 4]."""
+  src, trg = batch['source'], batch['target']
+  src_valid = src['keypoint_valid'][:, 0] & src['instance_valid'][:, :1]
+  valid = src_valid[:, None] & trg['keypoint_valid'] & trg['instance_valid'][..., None]
+  return src['keypoints'][:, 0], src_valid, trg['keypoints'], valid, trg['bboxes']
+
+
+def match_instances(pred, trg_kps, valid, image_size: int):
+  """pred [B, K, 2] against every target instance [B, I, K, 2] -> (normalised mean error of the closest
+  instance [B], its index [B], whether the pair has any valid keypoint [B])."""
+  dist = jnp.sqrt(jnp.sum(((pred[:, None] - trg_kps) / image_size)**2, -1) + 1e-12)  # [B, I, K]
+  count = valid.sum(-1)
+  err = jnp.where(count > 0, (dist * valid).sum(-1) / jnp.maximum(count, 1), jnp.inf)  # [B, I]
+  best = jnp.argmin(err, axis=1)
+  has_any = count.sum(-1) > 0
+  return jnp.where(has_any, jnp.min(err, axis=1), 0.), best, has_any
+
+
+def keypoint_loss(pred, trg_kps, valid, image_size: int):
+  """Keypoint-transfer error in image sides, averaged over the batch (a pair with no valid keypoint adds
+  0), so that the mean over devices equals the loss of the whole global batch."""
+  return match_instances(pred, trg_kps, valid, image_size)[0].mean()
+
+
+def match_loss(scores, src_kps, src_valid, trg_kps, valid, image_size: int, beta: float):
+  """Cross-entropy of each source keypoint's score row (read at the keypoint) against the target cells
+  holding its true matches: -log of the probability mass on the true cell of any target instance.
+  Regressing soft-argmax positions alone learns slowly from scratch; this dense term gives every target
+  cell a gradient. Averaged over valid keypoints, then over the batch like `keypoint_loss`."""
+  b, sa, hb, wb = scores.shape
+  ha = round(sa**0.5)
+  rows = scores.reshape(b, ha, ha, hb * wb).astype(jnp.float32)  # [B, Ha, Wa, Sb]
+  norm = soft_argmax.normalize_keypoints(src_kps, (image_size, image_size))
+  logp = jax.nn.log_softmax(soft_argmax.interpolate_at_keypoints(rows, norm, src_valid) / beta)
+  cell = jnp.floor(trg_kps / image_size * jnp.array([wb, hb])).astype(jnp.int32)  # [B, I, K, 2]
+  cell = jnp.clip(cell, 0, jnp.array([wb - 1, hb - 1]))
+  index = cell[..., 1] * wb + cell[..., 0]  # [B, I, K]
+  picked = jnp.take_along_axis(logp[:, None], index[..., None], -1)[..., 0]  # [B, I, K]
+  nll = -jax.nn.logsumexp(jnp.where(valid, picked, -jnp.inf), axis=1)  # [B, K]
+  any_valid = valid.any(axis=1)
+  nll = jnp.where(any_valid, nll, 0.)
+  return (nll.sum(-1) / jnp.maximum(any_valid.sum(-1), 1)).mean()

@@ -1,0 +1,1 @@
+"""Command-line tools: python -m misc_jax.tools.<name>."""

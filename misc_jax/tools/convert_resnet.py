@@ -1,0 +1,66 @@
+r"""Converts a torchvision ResNet-50/101 checkpoint into a backbone for `config.model.backbone_init`.
+
+  python -m misc_jax.tools.convert_resnet resnet101-63fe2227.pth ~/weights/resnet101.msgpack
+
+IN is the model's state_dict as `.pth`/`.pt` (read with torch.load(weights_only=True); needs the `torch`
+extra: pip install -e '.[torch]'), `.safetensors` or `.npz`. OUT is a msgpack of {'params',
+'batch_stats'} in misc_jax.models.resnet layout (flax.serialization); the classifier is dropped.
+"""
+
+from typing import Sequence
+
+from absl import app
+from absl import logging
+from etils import epath
+import flax
+import numpy as np
+
+from misc_jax.models import resnet
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A torchvision state_dict from .pth/.pt, .safetensors or .npz, as numpy arrays."""
+  suffix = epath.Path(path).suffix
+  if suffix in ('.pth', '.pt'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'{path}: reading .pth needs torch (pip install -e ".[torch]"), or save '
+                        'the state_dict as .safetensors or .npz') from e
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = state.get('state_dict', state)  # some trainers wrap it
+    return {k: v.numpy() for k, v in state.items()}
+  if suffix == '.safetensors':
+    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+    return safetensors_numpy.load_file(path)
+  if suffix == '.npz':
+    with np.load(path) as data:
+      return dict(data)
+  raise ValueError(f'{path}: unknown checkpoint type {suffix!r}; expected .pth, .pt, .safetensors '
+                   'or .npz')
+
+
+def convert(in_path: str, out_path: str) -> dict:
+  """Reads IN, writes OUT, returns the converted {'params', 'batch_stats'}."""
+  state = load_state_dict(in_path)
+  if 'conv1.weight' not in state or 'layer1.0.conv1.weight' not in state:
+    raise ValueError(f'{in_path}: not a torchvision ResNet state_dict (no conv1.weight / '
+                     f'layer1.0.conv1.weight among {len(state)} keys, e.g. {list(state)[:3]})')
+  variables = resnet.torchvision_to_flax(state)
+  variables['params'].pop('fc', None)
+  out = epath.Path(out_path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(flax.serialization.msgpack_serialize(variables))
+  num = sum(v.size for v in flax.traverse_util.flatten_dict(variables['params']).values())
+  logging.info('Wrote %s: %d backbone parameters.', out, num)
+  return variables
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 3:
+    raise app.UsageError('usage: python -m misc_jax.tools.convert_resnet IN OUT')
+  convert(argv[1], argv[2])
+
+
+if __name__ == '__main__':
+  app.run(main)

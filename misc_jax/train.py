@@ -1,0 +1,255 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`, read top to bottom.
+
+Data parallel with `jax.pmap(axis_name='batch')`; one process per host, each reading its own data shards
+(input_pipeline.py). Checkpoints are Orbax in `workdir/checkpoints` (latest N) and
+`workdir/checkpoints_best` (best validation PCK); a run resumes from the latest one by itself, and its data
+order and randomness are functions of the step, so a resumed run ends where an uninterrupted one does.
+"""
+
+import functools
+import importlib
+import json
+import signal
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+import flax
+from flax import jax_utils
+import jax
+from jax import lax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from misc_jax import input_pipeline
+from misc_jax import optim
+from misc_jax import visualize
+from misc_jax.evaluators import pck as pck_evaluator
+from tfds_builders import build
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model, state and step.
+# ----------------------------------------------------------------------------------------------------------
+
+def create_model(config):
+  """config.model.name -> (the module misc_jax/models/<name>.py, its Flax model)."""
+  module = importlib.import_module(f'misc_jax.models.{config.model.name}')
+  return module, module.from_config(config.model)
+
+
+def _load_backbone(path: str):
+  """A converted backbone (misc_jax.tools.convert_resnet: msgpack of {'params', 'batch_stats'})."""
+  return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+
+
+def _merge(variables, subtree, prefix, source):
+  """variables[collection][prefix] <- subtree[collection], checking every shape."""
+  for col, new in subtree.items():
+    old = variables[col][prefix] if prefix else variables[col]
+    mismatch = [(k, np.shape(v), np.shape(new_v)) for k, v, new_v in _pairs(old, new)
+                if np.shape(v) != np.shape(new_v)]
+    if mismatch or jax.tree.structure(old) != jax.tree.structure(new):
+      raise ValueError(f'{source}: {col} do not fit the model (first mismatches: {mismatch[:3]})')
+    if prefix:
+      variables[col][prefix] = new
+    else:
+      variables[col] = new
+  return variables
+
+
+def _pairs(a, b):
+  fa, fb = flax.traverse_util.flatten_dict(a), flax.traverse_util.flatten_dict(b)
+  return [('/'.join(k), fa[k], fb.get(k)) for k in fa]
+
+
+def initial_state(config, model) -> optim.TrainState:
+  """Fresh parameters, then config.model.backbone_init (a converted backbone) and config.model.init_from
+  (another run's workdir: its latest params and statistics) when set."""
+  size = config.input.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.uint8)
+  variables = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(config.seed), images, images))
+  if config.model.backbone_init:
+    backbone = _load_backbone(config.model.backbone_init)
+    backbone = {col: backbone[col] for col in ('params', 'batch_stats')}
+    variables = _merge(variables, backbone, 'backbone', config.model.backbone_init)
+  state = optim.create_train_state(config, model.apply, variables)
+  if config.model.init_from:
+    path = epath.Path(config.model.init_from) / 'checkpoints'
+    with ocp.CheckpointManager(path) as mgr:
+      if mgr.latest_step() is None:
+        raise FileNotFoundError(f'config.model.init_from: no checkpoint in {path}')
+      other = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(jax.device_get(state)))
+    state = state.replace(params=other.params, batch_stats=other.batch_stats)
+  return state
+
+
+def train_step(state, batch, rng, *, model_module, config):
+  """One pmapped AdamW step; gradients and metrics are averaged over all devices of all processes."""
+  size = config.input.image_size
+  # A random annotated source instance per pair, keyed by the pair's position in the global batch, so
+  # the draw does not depend on how the batch is split over devices.
+  b = batch['valid'].shape[0]
+  index = lax.axis_index('batch') * b + jnp.arange(b)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, state.step), i))(index)
+  logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
+  pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
+  batch = dict(batch, source=_move_to_front(batch['source'], pick))
+  src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    scores = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
+    pred = model_module.predict_keypoints(scores, src_kps, src_valid, size,
+                                          **pck_evaluator.transfer_kwargs(config.model))
+    transfer = model_module.keypoint_loss(pred, trg_kps, valid, size)
+    match = model_module.match_loss(scores, src_kps, src_valid, trg_kps, valid, size,
+                                    config.model.beta)
+    loss = transfer + config.model.match_loss_weight * match
+    return loss, {'transfer_loss': transfer, 'match_loss': match}
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, 'batch')
+  metrics = lax.pmean({'loss': loss, 'grad_norm': _global_norm(grads), **aux}, 'batch')
+  return state.apply_gradients(grads=grads), metrics
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32)**2) for x in jax.tree.leaves(tree)))
+
+
+def _move_to_front(side, pick):
+  """Swaps instance `pick[b]` into slot 0 of every per-instance field of one side."""
+  def swap(x):
+    idx = jnp.arange(x.shape[1])[None, :]
+    order = jnp.where(idx == 0, pick[:, None], jnp.where(idx == pick[:, None], 0, idx))  # [B, I]
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
+  per_instance = ('keypoints', 'keypoint_valid', 'bboxes', 'instance_valid', 'masks')
+  return {k: swap(v) if k in per_instance else v for k, v in side.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can checkpoint and leave at the end of the current step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint after this step, then stopping.')
+    self.requested = True
+
+
+def _checkpoint_managers(config, workdir):
+  opts = lambda **kw: ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True, **kw)
+  latest = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
+                                 options=opts(max_to_keep=config.keep_checkpoints))
+  best = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints_best', options=opts(
+      max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
+  return latest, best
+
+
+def _host_metrics(pending):
+  """Averages the device metrics of the steps since the last flush (the only host sync of the loop)."""
+  values = jax.device_get(pending)
+  return {k: float(np.mean([v[k][0] for v in values])) for k in values[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config.total_steps` steps (resuming from workdir if it holds a checkpoint), evaluating
+  every config.eval_every_steps and at the end. Returns the last evaluation's metrics."""
+  workdir = epath.Path(workdir)
+  lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
+  if lead:
+    build.build(config.dataset.name, config.dataset.data_dir)  # no-op when it is already built
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('dataset ready')
+  builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
+  category_names = builder.info.features['category'].names
+
+  # Model, optimiser, restore.
+  model_module, model = create_model(config)
+  state = initial_state(config, model)
+  latest_mgr, best_mgr = _checkpoint_managers(config, workdir)
+  start = latest_mgr.latest_step() or 0
+  if start:
+    state = latest_mgr.restore(start, args=ocp.args.StandardRestore(jax.device_get(state)))
+    logging.info('Resumed from %s at step %d.', latest_mgr.directory, start)
+  p_state = jax_utils.replicate(state)
+  rng = jax_utils.replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
+  p_train_step = jax.pmap(
+      lambda s, b, r: train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
+                                 config=config),
+      axis_name='batch', donate_argnums=(0,))
+  evaluator = pck_evaluator.Evaluator(config, model_module, config.dataset.eval_split,
+                                      category_names)
+
+  def save(step, metrics=None):
+    host = jax.device_get(jax_utils.unreplicate(p_state))
+    latest_mgr.save(step, args=ocp.args.StandardSave(host))
+    if metrics is not None:
+      best_mgr.save(step, args=ocp.args.StandardSave(host), metrics=metrics)
+
+  def evaluate(step):
+    metrics, first = evaluator.evaluate(p_state)
+    scalars = {f'eval/{k}': v for k, v in metrics.items() if k.startswith('pck')}
+    writer.write_scalars(step, scalars)
+    logging.info('step %d %s: %s', step, config.dataset.eval_split, json.dumps(scalars))
+    if lead:
+      (workdir / 'eval').mkdir(exist_ok=True)
+      (workdir / 'eval' / f'{config.dataset.eval_split}_{step:08d}.json').write_text(
+          json.dumps(dict(step=step, split=config.dataset.eval_split, **metrics), indent=2))
+      visualize.save_correspondences(first, str(workdir / 'predictions.png'),
+                                     alpha=config.eval.plot_alpha, threshold=config.eval.threshold)
+    return metrics
+
+  # Loop.
+  preemption = _Preemption()
+  batches = input_pipeline.train_iterator(config, start_step=start)
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
+                  dynamic_ncols=True)
+  pending, metrics = [], {}
+  for step in range(start + 1, config.total_steps + 1):
+    p_state, step_metrics = p_train_step(p_state, next(batches), rng)
+    pending.append(step_metrics)
+    bar.update()
+    report(step)
+    is_last = step == config.total_steps
+    log_now = step % config.log_every_steps == 0 or is_last or preemption.requested
+    eval_now = step % config.eval_every_steps == 0 or is_last
+    save_now = step % config.checkpoint_every_steps == 0 or is_last or preemption.requested
+    if log_now or eval_now or save_now:
+      train = _host_metrics(pending)
+      pending = []
+      if not all(np.isfinite(v) for v in train.values()):
+        raise FloatingPointError(
+            f'non-finite training metrics at step {step}: {train}; the last good checkpoint '
+            f'(step {latest_mgr.latest_step()}) is kept in {latest_mgr.directory}')
+      writer.write_scalars(step, {f'train/{k}': v for k, v in train.items()})
+      bar.set_postfix(loss=f'{train["loss"]:.4f}')
+    if eval_now:
+      metrics = evaluate(step)
+    if save_now:
+      save(step, {config.eval.best_metric: metrics[config.eval.best_metric]} if eval_now else None)
+    if preemption.requested:
+      logging.warning('Saved step %d after SIGTERM; stopping.', step)
+      break
+  bar.close()
+  latest_mgr.wait_until_finished()
+  best_mgr.wait_until_finished()
+  writer.flush()
+  if lead and not preemption.requested:
+    visualize.plot_learning_curve(str(workdir), str(workdir / 'learning_curve.png'))
+  return metrics

@@ -1,0 +1,141 @@
+"""The training system on the smoke config: files a run writes, exact resume after SIGKILL, SIGTERM,
+non-finite losses, and the same losses on 1 device, 8 devices and 2 processes x 4 devices."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from misc_jax import train
+from misc_jax import visualize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+OVERRIDES = {'total_steps': STEPS, 'log_every_steps': 1, 'checkpoint_every_steps': 1,
+             'eval_every_steps': STEPS, 'input.data_shards': 2}
+
+
+def _configure(config, **overrides):
+  with config.unlocked():
+    for key, value in {**OVERRIDES, **overrides}.items():
+      *path, leaf = key.split('.')
+      node = config
+      for name in path:
+        node = node[name]
+      node[leaf] = value
+  return config
+
+
+def _main(workdir, data_dir, *flags, devices=8, **overrides):
+  """Starts `python -m misc_jax.main` on the smoke config; returns the Popen (stderr in workdir.log)."""
+  args = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  log = open(f'{workdir}.log', 'w')  # pylint: disable=consider-using-with
+  return subprocess.Popen(
+      [sys.executable, '-m', 'misc_jax.main', '--config', 'configs/synthetic.py:smoke',
+       '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *args, *flags],
+      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, workdir, timeout=600):
+  assert proc.wait(timeout) == 0, open(f'{workdir}.log').read()[-4000:]
+
+
+def _losses(workdir):
+  return np.array([v for _, v in visualize.read_scalars(str(workdir))['train/loss']])
+
+
+def _params(workdir, step=STEPS):
+  with ocp.CheckpointManager(workdir / 'checkpoints') as mgr:
+    return mgr.restore(step)['params']
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_data_dir, tmp_path_factory):
+  """An uninterrupted 6-step run in this process (8 devices), the baseline of the other tests."""
+  workdir = tmp_path_factory.mktemp('reference')
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = _configure(synthetic.get_config('smoke'), **{'dataset.data_dir': tiny_data_dir})
+  metrics = train.train_and_evaluate(config, str(workdir))
+  return workdir, metrics
+
+
+def test_run_writes_checkpoints_metrics_and_plots(reference):
+  workdir, metrics = reference
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [4, 5, 6]  # keep 3
+  assert [p.name for p in (workdir / 'checkpoints_best').iterdir()] == ['6']
+  assert (workdir / 'eval' / 'validation_00000006.json').exists()
+  assert 0 <= metrics['pck@0.05'] <= metrics['pck@0.1'] <= metrics['pck@0.15'] <= 1
+  assert metrics['num_pairs'] == 3
+  losses = _losses(workdir)
+  assert len(losses) == STEPS and np.all(np.isfinite(losses))
+  for png in ('predictions.png', 'learning_curve.png'):
+    assert (workdir / png).stat().st_size > 10_000
+
+
+def test_resume_after_sigkill_ends_with_the_same_parameters(reference, tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'killed'
+  proc = _main(workdir, tiny_data_dir)
+  while not (workdir / 'checkpoints' / '3').exists():
+    assert proc.poll() is None, open(f'{workdir}.log').read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  _finish(_main(workdir, tiny_data_dir), workdir)  # resumes from the latest complete checkpoint
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['total_steps'] == STEPS and config['dataset']['name'] == 'synthetic_misc/tiny'
+  assert (workdir / 'data_preview.png').stat().st_size > 10_000
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+               _params(workdir), _params(reference[0]))
+  np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-6)
+
+
+def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'one_device'
+  _finish(_main(workdir, tiny_data_dir, devices=1), workdir)
+  np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-4)
+
+
+def test_two_processes_give_the_same_losses_as_one(reference, tiny_data_dir, tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'two_processes'
+  procs = [_main(workdir if i == 0 else tmp_path / 'process1', tiny_data_dir, devices=4,
+                 *[f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                   f'--process_id={i}']) for i in range(2)]
+  for i, proc in enumerate(procs):
+    _finish(proc, workdir if i == 0 else tmp_path / 'process1')
+  np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'preempted'
+  proc = _main(workdir, tiny_data_dir, total_steps=10_000, checkpoint_every_steps=10_000,
+               eval_every_steps=10_000)
+  while 'train/loss' not in open(f'{workdir}.log').read():
+    assert proc.poll() is None, open(f'{workdir}.log').read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _finish(proc, workdir)
+  steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir()]
+  assert len(steps) == 1 and 1 <= steps[0] < 10_000
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, smoke_config,
+                                                                         tmp_path):
+  workdir = tmp_path / 'diverged'
+  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
+  config = _configure(smoke_config, total_steps=STEPS + 2, **{'model.beta': 0.0})  # scores / 0
+  with pytest.raises(FloatingPointError, match=f'non-finite training metrics at step {STEPS + 1}'):
+    train.train_and_evaluate(config, str(workdir))
+  assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS
