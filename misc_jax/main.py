@@ -9,6 +9,7 @@ cluster from the environment (Cloud TPU, SLURM, ...); `--coordinator_address`, `
 `--process_id` set it explicitly (e.g. two processes on one machine, over loopback).
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -32,6 +33,11 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _quiet_orbax_info(record) -> bool:
+  """Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def init_distributed() -> None:
@@ -59,6 +65,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; the accelerators belong to JAX.
+  logging.get_absl_handler().addFilter(_quiet_orbax_info)
   init_distributed()
   config, workdir = _CONFIG.value, _WORKDIR.value
   if jax.process_index() == 0:

@@ -33,7 +33,8 @@ def create_optimizer(config: ml_collections.ConfigDict, params) -> optax.Gradien
   o = config.optim
 
   def adamw(lr):
-    schedule = optax.warmup_cosine_decay_schedule(0., lr, o.warmup_steps, config.total_steps,
+    decay_steps = max(config.total_steps, o.warmup_steps + 1)  # total_steps=0: evaluation only
+    schedule = optax.warmup_cosine_decay_schedule(0., lr, o.warmup_steps, decay_steps,
                                                   end_value=lr * o.final_lr_fraction)
     return optax.adamw(schedule, weight_decay=o.weight_decay)
 

@@ -159,6 +159,13 @@ def _checkpoint_managers(config, workdir):
   return latest, best
 
 
+def replicate(tree):
+  """A host pytree -> one copy per local device, laid out exactly as pmap lays out its outputs, so the
+  step's second call (on its own outputs) does not compile the step again."""
+  n = jax.local_device_count()
+  return jax.pmap(lambda x: x, axis_name='batch')(jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), tree))
+
+
 def _host_metrics(pending):
   """Averages the device metrics of the steps since the last flush (the only host sync of the loop)."""
   values = jax.device_get(pending)
@@ -186,8 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start:
     state = latest_mgr.restore(start, args=ocp.args.StandardRestore(jax.device_get(state)))
     logging.info('Resumed from %s at step %d.', latest_mgr.directory, start)
-  p_state = jax_utils.replicate(state)
-  rng = jax_utils.replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
+  p_state = replicate(state)
+  rng = replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
   p_train_step = jax.pmap(
       lambda s, b, r: train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
                                  config=config),
@@ -216,20 +223,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Loop.
   preemption = _Preemption()
-  batches = input_pipeline.train_iterator(config, start_step=start)
+  batches = input_pipeline.train_iterator(config, start_step=start) if start < config.total_steps \
+      else iter(())
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
                   dynamic_ncols=True)
-  pending, metrics = [], {}
+  pending, metrics, stop = [], {}, False
   for step in range(start + 1, config.total_steps + 1):
     p_state, step_metrics = p_train_step(p_state, next(batches), rng)
     pending.append(step_metrics)
     bar.update()
     report(step)
+    stop = preemption.requested  # read once: a SIGTERM may land anywhere in this iteration
     is_last = step == config.total_steps
-    log_now = step % config.log_every_steps == 0 or is_last or preemption.requested
+    log_now = step % config.log_every_steps == 0 or is_last or stop
     eval_now = step % config.eval_every_steps == 0 or is_last
-    save_now = step % config.checkpoint_every_steps == 0 or is_last or preemption.requested
+    save_now = step % config.checkpoint_every_steps == 0 or is_last or stop
     if log_now or eval_now or save_now:
       train = _host_metrics(pending)
       pending = []
@@ -243,13 +252,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = evaluate(step)
     if save_now:
       save(step, {config.eval.best_metric: metrics[config.eval.best_metric]} if eval_now else None)
-    if preemption.requested:
+    if stop:
       logging.warning('Saved step %d after SIGTERM; stopping.', step)
       break
   bar.close()
+  if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)
+    metrics = evaluate(start)
   latest_mgr.wait_until_finished()
   best_mgr.wait_until_finished()
   writer.flush()
-  if lead and not preemption.requested:
+  if lead and not stop:
     visualize.plot_learning_curve(str(workdir), str(workdir / 'learning_curve.png'))
   return metrics

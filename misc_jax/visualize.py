@@ -105,14 +105,16 @@ def plot_learning_curve(workdir: str, path: str) -> None:
   """Training loss and validation PCK against step, read back from the run's TensorBoard events."""
   series = read_scalars(workdir)
   fig, (ax_loss, ax_pck) = plt.subplots(1, 2, figsize=(10, 3.6))
-  if 'train/loss' in series:
-    ax_loss.plot(*zip(*series['train/loss']), label='train loss')
-  ax_loss.set(xlabel='step', ylabel='keypoint error (image sides)', yscale='log')
-  ax_loss.legend()
+  for tag in sorted(t for t in series if t.startswith('train/') and t.endswith('loss')):
+    ax_loss.plot(*zip(*series[tag]), label=tag[6:])
+  ax_loss.set(xlabel='step', ylabel='training loss', yscale='log')
+  if ax_loss.lines:
+    ax_loss.legend()
   for tag in sorted(t for t in series if t.startswith('eval/pck@')):
     ax_pck.plot(*zip(*series[tag]), marker='o', label=tag[5:])
   ax_pck.set(xlabel='step', ylabel='validation PCK', ylim=(0, 1))
-  ax_pck.legend()
+  if ax_pck.lines:
+    ax_pck.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -3,7 +3,6 @@
 import functools
 import time
 
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +88,8 @@ def test_overfits_one_batch(smoke_config):
     config.eval.threshold = 'image'
   batch = next(input_pipeline.train_iterator(config))  # [8 devices, 1 pair, ...]
   model_module, model = train.create_model(config)
-  state = jax_utils.replicate(train.initial_state(config, model))
-  rng = jax_utils.replicate(jax.random.key_data(jax.random.key(0)))
+  state = train.replicate(train.initial_state(config, model))
+  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
   step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
                                                    model_module=model_module, config=config),
                   axis_name='batch')

@@ -102,7 +102,12 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(reference, tiny_data
 def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp_path):
   workdir = tmp_path / 'one_device'
   _finish(_main(workdir, tiny_data_dir, devices=1), workdir)
-  np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-4)
+  # 8 pairs on one device vs 1 per device changes XLA's convolution reduction order; Adam amplifies that
+  # float noise step by step (2e-5 at step 3, 3e-3 at step 6). A wrong data split or a missing pmean
+  # differs by far more, from the first step on.
+  ours, theirs = _losses(workdir), _losses(reference[0])
+  np.testing.assert_allclose(ours[:3], theirs[:3], rtol=1e-4)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-2)
 
 
 def test_two_processes_give_the_same_losses_as_one(reference, tiny_data_dir, tmp_path):
@@ -139,3 +144,12 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(refere
   with pytest.raises(FloatingPointError, match=f'non-finite training metrics at step {STEPS + 1}'):
     train.train_and_evaluate(config, str(workdir))
   assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS
+
+
+def test_evaluation_only_run_from_another_workdir_reproduces_its_pck(reference, smoke_config,
+                                                                    tmp_path):
+  """total_steps=0 with init_from (how configs/kbcnet_pfwillow.py evaluates a PF-PASCAL model)."""
+  config = _configure(smoke_config, total_steps=0, **{'model.init_from': str(reference[0])})
+  metrics = train.train_and_evaluate(config, str(tmp_path / 'eval_only'))
+  assert metrics['pck@0.1'] == pytest.approx(reference[1]['pck@0.1'], abs=1e-6)
+  assert metrics['num_pairs'] == reference[1]['num_pairs']

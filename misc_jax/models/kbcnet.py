@@ -24,15 +24,15 @@ from misc_jax.ops import correlation
 from misc_jax.ops import soft_argmax
 
 VARIANTS = {
-    'kbcnet_tiny': dict(stage_sizes=(1, 1, 1, 1), width=16, csfa_dim=32, csfa_heads=2,
-                        decoder_features=(8, 16, 16), decoder_kernels=(3, 3, 3),
+    'kbcnet_tiny': dict(stage_sizes=(1, 1, 1, 1), width=16, backbone_norm='group', csfa_dim=32,
+                        csfa_heads=2, decoder_features=(8, 16, 16), decoder_kernels=(3, 3, 3),
                         decoder_strides=(2, 2, 1)),
-    'kbcnet_r50': dict(stage_sizes=resnet.STAGE_SIZES['resnet50'], width=64, csfa_dim=128,
-                       csfa_heads=4, decoder_features=(16, 64, 128), decoder_kernels=(3, 3, 3),
-                       decoder_strides=(2, 2, 1)),
-    'kbcnet_r101': dict(stage_sizes=resnet.STAGE_SIZES['resnet101'], width=64, csfa_dim=128,
-                        csfa_heads=4, decoder_features=(16, 64, 128), decoder_kernels=(3, 3, 3),
-                        decoder_strides=(2, 2, 1)),
+    'kbcnet_r50': dict(stage_sizes=resnet.STAGE_SIZES['resnet50'], width=64, backbone_norm='batch',
+                       csfa_dim=128, csfa_heads=4, decoder_features=(16, 64, 128),
+                       decoder_kernels=(3, 3, 3), decoder_strides=(2, 2, 1)),
+    'kbcnet_r101': dict(stage_sizes=resnet.STAGE_SIZES['resnet101'], width=64, backbone_norm='batch',
+                        csfa_dim=128, csfa_heads=4, decoder_features=(16, 64, 128),
+                        decoder_kernels=(3, 3, 3), decoder_strides=(2, 2, 1)),
 }
 
 
@@ -46,9 +46,9 @@ def decode_variant(name: str) -> dict:
 def from_config(model_config) -> 'KBCNet':
   """config.model -> KBCNet (the transfer and initialisation fields are read by the train step)."""
   c = model_config
-  return KBCNet(tuple(c.stage_sizes), c.width, c.csfa_dim, c.csfa_heads, tuple(c.decoder_features),
-                tuple(c.decoder_kernels), tuple(c.decoder_strides), c.decoder_groups,
-                c.feature_stride, c.remat, c.dtype)
+  return KBCNet(tuple(c.stage_sizes), c.width, c.backbone_norm, c.csfa_dim, c.csfa_heads,
+                tuple(c.decoder_features), tuple(c.decoder_kernels), tuple(c.decoder_strides),
+                c.decoder_groups, c.feature_stride, c.remat, c.dtype)
 
 
 class CSFA(nn.Module):
@@ -76,10 +76,12 @@ class CSFA(nn.Module):
 class KBCNet(nn.Module):
   """(source, target) uint8 images [B, S, S, 3] -> scores [B, Ha*Wa, Hb, Wb] (float32).
 
-  Ha = Wa = Hb = Wb = S / feature_stride. Backbone BatchNorm statistics are frozen (running averages).
+  Ha = Wa = Hb = Wb = S / feature_stride. Backbone BatchNorm statistics are frozen (running averages);
+  the tiny variant, trained from scratch, uses GroupNorm instead.
   """
   stage_sizes: tuple[int, ...]
   width: int
+  backbone_norm: str
   csfa_dim: int
   csfa_heads: int
   decoder_features: tuple[int, ...]
@@ -95,7 +97,8 @@ class KBCNet(nn.Module):
     dtype = jnp.dtype(self.dtype)
     b, size = source.shape[0], source.shape[1]
     images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
-    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, name='backbone')(images)
+    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, norm=self.backbone_norm,
+                          name='backbone')(images)
     hw = (size // self.feature_stride,) * 2
     tokens = CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
         [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]

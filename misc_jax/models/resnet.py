@@ -23,7 +23,11 @@ def normalize_images(images, dtype=jnp.float32):
   return ((x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)).astype(dtype)
 
 
-def _norm(name, dtype):
+def _norm(name, dtype, kind='batch'):
+  """'batch': BatchNorm with frozen running statistics (for pretrained weights); 'group': GroupNorm of
+  8 groups, for backbones trained from scratch, where frozen initial statistics normalise nothing."""
+  if kind == 'group':
+    return nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=dtype, name=name)
   return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype, name=name)
 
 
@@ -32,16 +36,17 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: jnp.dtype | None = None
+  norm: str = 'batch'
 
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), [(k // 2, k // 2)] * 2, use_bias=False,
                                          dtype=self.dtype, name=name)
-    y = nn.relu(_norm('bn1', self.dtype)(conv(self.features, 1, 1, 'conv1')(x)))
-    y = nn.relu(_norm('bn2', self.dtype)(conv(self.features, 3, self.stride, 'conv2')(y)))
-    y = _norm('bn3', self.dtype)(conv(4 * self.features, 1, 1, 'conv3')(y))
+    y = nn.relu(_norm('bn1', self.dtype, self.norm)(conv(self.features, 1, 1, 'conv1')(x)))
+    y = nn.relu(_norm('bn2', self.dtype, self.norm)(conv(self.features, 3, self.stride, 'conv2')(y)))
+    y = _norm('bn3', self.dtype, self.norm)(conv(4 * self.features, 1, 1, 'conv3')(y))
     if self.downsample:
-      x = _norm('downsample_bn', self.dtype)(conv(4 * self.features, 1, self.stride,
+      x = _norm('downsample_bn', self.dtype, self.norm)(conv(4 * self.features, 1, self.stride,
                                                   'downsample_conv')(x))
     return nn.relu(x + y)
 
@@ -53,18 +58,20 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   width: int = 64
   dtype: jnp.dtype | None = None
+  norm: str = 'batch'  # see _norm
 
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.width, (7, 7), (2, 2), [(3, 3)] * 2, use_bias=False, dtype=self.dtype,
                 name='conv1')(x)
-    x = nn.relu(_norm('bn1', self.dtype)(x))
+    x = nn.relu(_norm('bn1', self.dtype, self.norm)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), [(1, 1)] * 2)
     out, blocks = {'stem': x}, []
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         stride = 2 if i > 0 and j == 0 else 1
-        x = Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, name=f'layer{i + 1}_{j}')(x)
+        x = Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, self.norm,
+                       name=f'layer{i + 1}_{j}')(x)
         blocks.append(x)
       out[f'layer{i + 1}'] = x
     out['blocks'] = blocks

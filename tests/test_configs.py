@@ -1,0 +1,30 @@
+"""Every experiment config resolves, serialises, and builds its model (shapes only)."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from misc_jax import train
+
+CONFIGS = ['synthetic', 'kbcnet_spair', 'kbcnet_pfpascal', 'kbcnet_pfwillow']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_builds_its_model(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.to_json_best_effort()
+  _, model = train.create_model(config)
+  size = config.input.image_size
+  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
+  variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
+  grid = size // config.model.feature_stride
+  assert jax.eval_shape(model.apply, variables, image, image).shape == (1, grid**2, grid, grid)
+  assert config.eval.threshold in ('bbox', 'image')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_docstring_opens_with_its_command(name):
+  doc = importlib.import_module(f'configs.{name}').__doc__
+  assert f'--config configs/{name}.py' in doc
