@@ -6,7 +6,6 @@ Data parallel with `jax.pmap(axis_name='batch')`; one process per host, each rea
 order and randomness are functions of the step, so a resumed run ends where an uninterrupted one does.
 """
 
-import functools
 import importlib
 import json
 import signal
@@ -48,24 +47,19 @@ def _load_backbone(path: str):
   return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
 
 
-def _merge(variables, subtree, prefix, source):
-  """variables[collection][prefix] <- subtree[collection], checking every shape."""
-  for col, new in subtree.items():
-    old = variables[col][prefix] if prefix else variables[col]
-    mismatch = [(k, np.shape(v), np.shape(new_v)) for k, v, new_v in _pairs(old, new)
-                if np.shape(v) != np.shape(new_v)]
-    if mismatch or jax.tree.structure(old) != jax.tree.structure(new):
-      raise ValueError(f'{source}: {col} do not fit the model (first mismatches: {mismatch[:3]})')
-    if prefix:
-      variables[col][prefix] = new
-    else:
-      variables[col] = new
+def _merge_backbone(variables, backbone, source: str):
+  """variables[col]['backbone'] <- backbone[col] for params and batch_stats, refusing any misfit."""
+  shapes = lambda tree: {'/'.join(k): np.shape(v)
+                         for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  for col in ('params', 'batch_stats'):
+    ours = shapes(variables.get(col, {}).get('backbone', {}))
+    theirs = shapes(backbone.get(col, {}))
+    if ours != theirs:
+      diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+      raise ValueError(f'{source}: {col} do not fit the model (first differences: {diff})')
+    if theirs:
+      variables[col]['backbone'] = backbone[col]
   return variables
-
-
-def _pairs(a, b):
-  fa, fb = flax.traverse_util.flatten_dict(a), flax.traverse_util.flatten_dict(b)
-  return [('/'.join(k), fa[k], fb.get(k)) for k in fa]
 
 
 def initial_state(config, model) -> optim.TrainState:
@@ -75,9 +69,8 @@ def initial_state(config, model) -> optim.TrainState:
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   variables = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(config.seed), images, images))
   if config.model.backbone_init:
-    backbone = _load_backbone(config.model.backbone_init)
-    backbone = {col: backbone[col] for col in ('params', 'batch_stats')}
-    variables = _merge(variables, backbone, 'backbone', config.model.backbone_init)
+    variables = _merge_backbone(variables, _load_backbone(config.model.backbone_init),
+                                config.model.backbone_init)
   state = optim.create_train_state(config, model.apply, variables)
   if config.model.init_from:
     path = epath.Path(config.model.init_from) / 'checkpoints'
