@@ -8,6 +8,7 @@ order and randomness are functions of the step, so a resumed run ends where an u
 
 import importlib
 import json
+import os
 import signal
 
 from absl import logging
@@ -168,6 +169,8 @@ def _host_metrics(pending):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.total_steps` steps (resuming from workdir if it holds a checkpoint), evaluating
   every config.eval_every_steps and at the end. Returns the last evaluation's metrics."""
+  if '://' not in str(workdir):
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
   workdir = epath.Path(workdir)
   lead = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)

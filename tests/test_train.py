@@ -39,7 +39,7 @@ def _main(workdir, data_dir, *flags, devices=8, **overrides):
   """Starts `python -m misc_jax.main` on the smoke config; returns the Popen (stderr in workdir.log)."""
   args = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  log = open(f'{workdir}.log', 'w')  # pylint: disable=consider-using-with
+  log = open(os.path.join(REPO, f'{workdir}.log'), 'w')  # pylint: disable=consider-using-with
   return subprocess.Popen(
       [sys.executable, '-m', 'misc_jax.main', '--config', 'configs/synthetic.py:smoke',
        '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *args, *flags],
@@ -101,7 +101,8 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(reference, tiny_data
 
 def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp_path):
   workdir = tmp_path / 'one_device'
-  _finish(_main(workdir, tiny_data_dir, devices=1), workdir)
+  relative = os.path.relpath(workdir, REPO)  # as the README's command gives it
+  _finish(_main(relative, tiny_data_dir, devices=1), workdir)
   # 8 pairs on one device vs 1 per device changes XLA's convolution reduction order; Adam amplifies that
   # float noise step by step (2e-5 at step 3, 3e-3 at step 6). A wrong data split or a missing pmean
   # differs by far more, from the first step on.
