@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import tqdm
 
@@ -109,12 +110,8 @@ def train_step(state, batch, rng, *, model_module, config):
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = lax.pmean(grads, 'batch')
-  metrics = lax.pmean({'loss': loss, 'grad_norm': _global_norm(grads), **aux}, 'batch')
+  metrics = lax.pmean({'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}, 'batch')
   return state.apply_gradients(grads=grads), metrics
-
-
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32)**2) for x in jax.tree.leaves(tree)))
 
 
 def _move_to_front(side, pick):
