@@ -33,11 +33,9 @@ def save_pairs(batch: dict, path: str, num_pairs: int = 4, category_names=None) 
 
   `batch` is a pipeline batch with leading dims [D, B] or [B]; padding examples are skipped.
   """
-  flat = {side: {k: np.reshape(v, (-1,) + v.shape[2:]) if np.ndim(batch['valid']) == 2 else v
-                 for k, v in batch[side].items()} for side in ('source', 'target')}
-  valid = np.reshape(batch['valid'], -1)
-  category = np.reshape(batch['category'], -1)
-  rows = np.nonzero(valid)[0][:num_pairs]
+  flat = _flatten_devices(batch) if np.ndim(batch['valid']) == 2 else batch
+  category = flat['category']
+  rows = np.nonzero(flat['valid'])[0][:num_pairs]
   fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
   for r, b in enumerate(rows):
     name = category_names[category[b]] if category_names else str(category[b])

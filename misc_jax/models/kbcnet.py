@@ -114,17 +114,22 @@ class KBCNet(nn.Module):
     return (base + refine).reshape(b, hw[0] * hw[1], *hw)
 
 
+def _volume(scores):
+  """Scores [B, Ha*Wa, Hb, Wb] -> float32 [B, Ha, Wa, Hb, Wb] (the source grid is square)."""
+  b, sa, hb, wb = scores.shape
+  ha = round(sa**0.5)
+  if ha * ha != sa:
+    raise ValueError(f'scores {scores.shape}: the source grid must be square')
+  return scores.reshape(b, ha, ha, hb, wb).astype(jnp.float32)
+
+
 def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 'soft_argmax',
                       beta: float = 0.02, sigma: float = 5.):
   """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
   [B, Ha*Wa, Hb, Wb] to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is 'soft_argmax'
   (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on scores / beta,
   Gaussian sigma in cells)."""
-  b, sa, hb, wb = scores.shape
-  ha = round(sa**0.5)
-  if ha * ha != sa:
-    raise ValueError(f'scores {scores.shape}: the source grid must be square')
-  vol = scores.reshape(b, ha, ha, hb, wb).astype(jnp.float32)  # [B, Ha, Wa, Hb, Wb]
+  vol = _volume(scores)  # [B, Ha, Wa, Hb, Wb]
   if transfer == 'soft_argmax':
     coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, align_corners=False)
   elif transfer == 'kernel_soft_argmax':
@@ -176,9 +181,9 @@ def match_loss(scores, src_kps, src_valid, trg_kps, valid, image_size: int, beta
   holding its true matches: -log of the probability mass on the true cell of any target instance.
   Regressing soft-argmax positions alone learns slowly from scratch; this dense term gives every target
   cell a gradient. Averaged over valid keypoints, then over the batch like `keypoint_loss`."""
-  b, sa, hb, wb = scores.shape
-  ha = round(sa**0.5)
-  rows = scores.reshape(b, ha, ha, hb * wb).astype(jnp.float32)  # [B, Ha, Wa, Sb]
+  vol = _volume(scores)
+  b, ha, wa, hb, wb = vol.shape
+  rows = vol.reshape(b, ha, wa, hb * wb)  # [B, Ha, Wa, Sb]
   norm = soft_argmax.normalize_keypoints(src_kps, (image_size, image_size))
   logp = jax.nn.log_softmax(soft_argmax.interpolate_at_keypoints(rows, norm, src_valid) / beta)
   cell = jnp.floor(trg_kps / image_size * jnp.array([wb, hb])).astype(jnp.int32)  # [B, I, K, 2]
