@@ -42,7 +42,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
                                                 **kbcnet.decode_variant(variant)))
   config.model.decoder_groups = 4
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
-  config.model.remat = False          # recompute decoder activations in the backward pass
+  config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of source rows, bounded memory
   config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
   config.model.transfer = 'soft_argmax'  # or 'kernel_soft_argmax'
   config.model.beta = 0.02            # softmax temperature of the transfer
@@ -65,4 +65,14 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.eval.threshold = 'bbox'  # 'bbox' (SPair-71k, PF-WILLOW) or 'image' (PF-PASCAL)
   config.eval.best_metric = 'pck@0.1'
   config.eval.plot_alpha = 0.1
+
+  # KBC, keypoint bounding-box-centred cropping (misc_jax/kbc.py).
+  config.kbc = ml_collections.ConfigDict()
+  config.kbc.eval = False          # evaluate with a second pass on crops around the keypoints
+  config.kbc.coarse_pass = True    # place the target crop by the first pass's predictions (else: no crop)
+  config.kbc.train_prob = 0.0      # fraction of training pairs seen through KBC crops (ground-truth boxes)
+  config.kbc.margin = 0.1          # added to every side of the keypoint box, x its longer side
+  config.kbc.fill = 0.8            # the enlarged box (with margin) fills this fraction of the input
+  config.kbc.max_scale = 4.0       # at most this enlargement
+  config.kbc.small_threshold = 0.5  # crop only boxes whose longer side is below this x the input side
   return config

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from misc_jax import input_pipeline
+from misc_jax import kbc
 from misc_jax import optim
 from misc_jax import visualize
 from misc_jax.evaluators import pck as pck_evaluator
@@ -95,6 +96,8 @@ def train_step(state, batch, rng, *, model_module, config):
   logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
   pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
   batch = dict(batch, source=_move_to_front(batch['source'], pick))
+  if config.kbc.train_prob:
+    batch = _kbc_crops(batch, keys, model_module, config)
   src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
 
   def loss_fn(params):
@@ -112,6 +115,22 @@ def train_step(state, batch, rng, *, model_module, config):
   grads = lax.pmean(grads, 'batch')
   metrics = lax.pmean({'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}, 'batch')
   return state.apply_gradients(grads=grads), metrics
+
+
+def _kbc_crops(batch, keys, model_module, config):
+  """KBC as augmentation: with probability config.kbc.train_prob a pair is seen through crops around its
+  source keypoints and its ground-truth target keypoints (those of every target instance)."""
+  src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
+  b, size = src_kps.shape[0], config.input.image_size
+  use = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), config.kbc.train_prob))(keys)
+  identity = kbc.identity(b)
+  chosen = lambda crop: kbc.Crop(*(jnp.where(use.reshape((b,) + (1,) * (c.ndim - 1)), c, i)
+                                   for c, i in zip(crop, identity)))
+  src_crop = chosen(kbc.crop_for_config(src_kps, src_valid, size, config.kbc))
+  trg_crop = chosen(kbc.crop_for_config(trg_kps.reshape(b, -1, 2), valid.reshape(b, -1), size,
+                                        config.kbc))
+  return dict(batch, source=kbc.crop_side(batch['source'], src_crop),
+              target=kbc.crop_side(batch['target'], trg_crop))
 
 
 def _move_to_front(side, pick):
@@ -142,11 +161,16 @@ class _Preemption:
 
 
 def _checkpoint_managers(config, workdir):
-  opts = lambda **kw: ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True, **kw)
+  """The latest `config.keep_checkpoints` steps and the best evaluated one. Both may save the same step
+  at once: across processes their barriers are told apart by a per-manager key prefix."""
+  def opts(name, **kw):
+    return ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=True, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name), **kw)
   latest = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
-                                 options=opts(max_to_keep=config.keep_checkpoints))
+                                 options=opts('latest', max_to_keep=config.keep_checkpoints))
   best = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints_best', options=opts(
-      max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
+      'best', max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
   return latest, best
 
 

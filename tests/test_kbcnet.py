@@ -103,3 +103,20 @@ def test_overfits_one_batch(smoke_config):
   pck_01 = float(sums['per_image'][0, 1] / sums['pairs'][0])
   assert losses[-1] < losses[0] / 5, losses
   assert pck_01 > 0.9, (pck_01, losses)
+
+
+def test_chunked_decoder_gives_the_same_scores_and_gradients():
+  """decoder_chunk_rows computes the correlation, decoder and heads a few source rows at a time."""
+  plain = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'))
+  chunked = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'), decoder_chunk_rows=2)
+  rng = np.random.default_rng(0)
+  source, target = (jnp.asarray(rng.integers(0, 256, (2, 48, 48, 3)), jnp.uint8) for _ in range(2))
+  params = plain.init(jax.random.key(0), source, target)['params']
+  assert jax.tree.structure(params) == jax.tree.structure(
+      chunked.init(jax.random.key(0), source, target)['params'])
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(jnp.tanh(model.apply({'params': p}, source, target)))))
+  (l0, g0), (l1, g1) = loss(plain)(params), loss(chunked)(params)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

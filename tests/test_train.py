@@ -35,19 +35,20 @@ def _configure(config, **overrides):
   return config
 
 
-def _main(workdir, data_dir, *flags, devices=8, **overrides):
-  """Starts `python -m misc_jax.main` on the smoke config; returns the Popen (stderr in workdir.log)."""
+def _main(workdir, data_dir, *flags, devices=8, log_name=None, **overrides):
+  """Starts `python -m misc_jax.main` on the smoke config; returns the Popen (output in
+  `log_name or workdir`.log)."""
   args = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  log = open(os.path.join(REPO, f'{workdir}.log'), 'w')  # pylint: disable=consider-using-with
+  log = open(os.path.join(REPO, f'{log_name or workdir}.log'), 'w')  # pylint: disable=consider-using-with
   return subprocess.Popen(
       [sys.executable, '-m', 'misc_jax.main', '--config', 'configs/synthetic.py:smoke',
        '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *args, *flags],
       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _finish(proc, workdir, timeout=600):
-  assert proc.wait(timeout) == 0, open(f'{workdir}.log').read()[-4000:]
+def _finish(proc, log_name, timeout=600):
+  assert proc.wait(timeout) == 0, open(f'{log_name}.log').read()[-4000:]
 
 
 def _losses(workdir):
@@ -115,12 +116,13 @@ def test_two_processes_give_the_same_losses_as_one(reference, tiny_data_dir, tmp
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  workdir = tmp_path / 'two_processes'
-  procs = [_main(workdir if i == 0 else tmp_path / 'process1', tiny_data_dir, devices=4,
+  workdir = tmp_path / 'two_processes'  # shared, as a bucket is on a pod
+  logs = [tmp_path / f'process{i}' for i in range(2)]
+  procs = [_main(workdir, tiny_data_dir, devices=4, log_name=logs[i],
                  *[f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                    f'--process_id={i}']) for i in range(2)]
-  for i, proc in enumerate(procs):
-    _finish(proc, workdir if i == 0 else tmp_path / 'process1')
+  for proc, log in zip(procs, logs):
+    _finish(proc, log)
   np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-4)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from misc_jax import input_pipeline
+from misc_jax import kbc
 from misc_jax.ops import pck
 
 
@@ -24,11 +25,16 @@ def transfer_kwargs(model_config):
 def predict(state, batch, *, model_module, config):
   """Predicted target keypoints [B, K, 2] of source instance 0, plus the targets they are scored on."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  scores = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
+  apply = functools.partial(state.apply_fn, variables)
   src_kps, src_valid, trg_kps, valid, boxes = model_module.instance_targets(batch)
   size = config.input.image_size
-  pred = model_module.predict_keypoints(scores, src_kps, src_valid, size,
-                                        **transfer_kwargs(config.model))
+  transfer = lambda scores, kps, kps_valid: model_module.predict_keypoints(
+      scores, kps, kps_valid, size, **transfer_kwargs(config.model))
+  source, target = batch['source']['image'], batch['target']['image']
+  pred = transfer(apply(source, target), src_kps, src_valid)
+  if config.kbc.eval:  # a second pass on crops around the keypoints (misc_jax/kbc.py)
+    pred = kbc.predict(apply, transfer, source, target, src_kps, src_valid,
+                       pred if config.kbc.coarse_pass else None, config.kbc)
   _, best, _ = model_module.match_instances(pred, trg_kps, valid, size)
   take = lambda x: jnp.take_along_axis(x, best.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
   return {'src': src_kps, 'pred': pred, 'gt': take(trg_kps), 'valid': take(valid),

@@ -14,6 +14,8 @@ The paper leaves these open (REFERENCE.md section 1); each is a field of `config
   an identity map, where CHM's attentive indexing is biased by up to half a cell.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,7 @@ def from_config(model_config) -> 'KBCNet':
   c = model_config
   return KBCNet(tuple(c.stage_sizes), c.width, c.backbone_norm, c.csfa_dim, c.csfa_heads,
                 tuple(c.decoder_features), tuple(c.decoder_kernels), tuple(c.decoder_strides),
-                c.decoder_groups, c.feature_stride, c.remat, c.dtype)
+                c.decoder_groups, c.feature_stride, c.decoder_chunk_rows, c.dtype)
 
 
 class CSFA(nn.Module):
@@ -89,7 +91,7 @@ class KBCNet(nn.Module):
   decoder_strides: tuple[int, ...]
   decoder_groups: int = 4
   feature_stride: int = 8
-  remat: bool = False
+  decoder_chunk_rows: int = 0
   dtype: str = 'float32'
 
   @nn.compact
@@ -103,15 +105,34 @@ class KBCNet(nn.Module):
     tokens = CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
         [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]
     src, trg = tokens[:b], tokens[b:]
-    corr = jnp.stack([correlation.correlation(src[..., s, :], trg[..., s, :])
-                      for s in range(tokens.shape[3])], axis=-1)  # corr: [B, Ha, Wa, Hb, Wb, S]
-    decoded = conv4d.CenterPivotStack(
-        self.decoder_features, self.decoder_kernels, self.decoder_strides, self.decoder_groups,
-        self.remat, dtype, name='decoder')(corr.astype(dtype))  # [B, Ha, Wa, hb, wb, F]
-    refine = nn.Dense(1, dtype=dtype, name='refine_head')(decoded)[..., 0].astype(jnp.float32)
-    refine = jax.image.resize(refine, corr.shape[:5], 'linear')  # [B, Ha, Wa, Hb, Wb]
-    base = nn.Dense(1, name='corr_head')(corr)[..., 0]
-    return (base + refine).reshape(b, hw[0] * hw[1], *hw)
+    decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels,
+                                      self.decoder_strides, self.decoder_groups, dtype, name='decoder')
+    head_dtypes = dict(refine_head=dtype, corr_head=None)  # the correlation head reads float32
+
+    def correlate(src_rows):  # [B, n, Wa, S, dim] -> float32 corr [B, n, Wa, Hb, Wb, S]
+      return jnp.stack([correlation.correlation(src_rows[..., s, :], trg[..., s, :])
+                        for s in range(tokens.shape[3])], axis=-1)
+
+    def scores(decoded, corr, refine_head, corr_head):  # -> float32 [B, n, Wa, Hb, Wb]
+      refine = refine_head(decoded)[..., 0].astype(jnp.float32)
+      return corr_head(corr)[..., 0] + jax.image.resize(refine, corr.shape[:5], 'linear')
+
+    rows = self.decoder_chunk_rows
+    if rows and not self.is_initializing():  # memory-bounded; initialising takes the plain path
+      params = self.variables['params']
+      heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
+               for name, d in head_dtypes.items()}  # pure functions: they run inside lax.map
+      margin = sum(k // 2 for k in self.decoder_kernels)
+      padded = jnp.pad(src, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
+      volume_rows = lambda start, n: correlate(
+          jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1))
+      out = conv4d.chunked_stack(decoder, params['decoder'], volume_rows, hw[0], rows,
+                                 head=lambda decoded, corr: scores(decoded, corr, **heads))
+    else:
+      corr = correlate(src)
+      heads = {name: nn.Dense(1, dtype=d, name=name) for name, d in head_dtypes.items()}
+      out = scores(decoder(corr), corr, **heads)
+    return out.reshape(b, hw[0] * hw[1], *hw)
 
 
 def _volume(scores):

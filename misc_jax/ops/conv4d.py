@@ -11,7 +11,7 @@ positions (bias included) and returns a 4D tensor. Our source branch always subs
 the target stride first, so both branches agree in shape for every padding.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,10 +35,15 @@ class CenterPivotConv4d(nn.Module):
   dtype: jnp.dtype | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, source_halo: int = 0):
+    """`source_halo` > 0: x is a slab of a larger volume carrying that many extra source rows above and
+    below the rows to compute; they stand in for the zero padding of the source rows (`chunked_block`)."""
     b, ha, wa, hb, wb, c = x.shape
     k, s = tuple(self.kernel_size), tuple(self.strides)
     p = tuple(self.padding) if self.padding is not None else tuple(n // 2 for n in k)
+    if source_halo and (s[0] != 1 or source_halo > p[0]):
+      raise ValueError(f'source_halo {source_halo} needs source stride 1 and padding >= the halo')
+    p = (p[0] - source_halo, *p[1:])
     conv = lambda name, kk, ss, pp: nn.Conv(self.features, kk, ss, _pairs(pp), dtype=self.dtype,
                                             name=name)
     # Source branch, at every target position kept by the target stride.
@@ -48,8 +53,8 @@ class CenterPivotConv4d(nn.Module):
     ya = conv('conv_a', k[:2], s[:2], p[:2])(xa)
     ha2, wa2 = ya.shape[1:3]
     ya = ya.reshape(b, hb2, wb2, ha2, wa2, -1).transpose(0, 3, 4, 1, 2, 5)  # [B, Ha', Wa', Hb', Wb', O]
-    # Target branch, at every source position.
-    xb = x[:, ::s[0], ::s[1]].reshape(-1, hb, wb, c)  # [B Ha' Wa', Hb, Wb, C]
+    # Target branch, at every source position (halo rows excluded).
+    xb = x[:, source_halo:ha - source_halo:s[0], ::s[1]].reshape(-1, hb, wb, c)  # [B Ha' Wa', Hb, Wb, C]
     yb = conv('conv_b', k[2:], s[2:], p[2:])(xb)
     yb = yb.reshape(b, ha2, wa2, *yb.shape[1:])  # [B, Ha', Wa', Hb', Wb', O]
     return ya + yb
@@ -90,38 +95,76 @@ class CenterPivotBlock(nn.Module):
     return nn.relu(x)
 
 
-class _ScanStep(CenterPivotBlock):
-  """A CenterPivotBlock with a scan signature (no carry, x broadcast), for a one-step `nn.scan`."""
+def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, height: int, rows: int,
+                  head: Callable = lambda out, inp: out):
+  """The stack's output, `rows` source rows at a time, in memory bounded by one chunk.
 
-  def __call__(self, carry, x):  # pytype: disable=signature-mismatch
-    return carry, super().__call__(x)
+  `volume_rows(start, n)` returns the stack's input for source rows [start, start + n), zeros outside
+  [0, height) (the convolutions' padding); it may compute them on the fly (KBCNet computes the
+  correlation rows from the features), so the whole input volume never exists either. `head(out, inp)`
+  maps each chunk of the output (and the input rows it came from) to what is kept, e.g. one score channel.
+
+  GroupNorm needs statistics over the whole volume, so block i's are accumulated in a pass of their own
+  that recomputes blocks 0..i-1 on each chunk (with a halo of kernel // 2 rows per block); a last pass
+  computes the output. Every chunk is a `jax.checkpoint`ed loop body whose only residual is its row offset,
+  so the backward pass too holds one chunk at a time. Values match the plain stack up to float32 summation
+  order; the price is len(blocks) extra forward passes of the first blocks.
+  """
+  if height % rows:
+    raise ValueError(f'chunk_rows={rows} must divide the source height {height}')
+  blocks = [CenterPivotConv4d(f, (k,) * 4, (1, 1, s, s), dtype=stack.dtype, parent=None)
+            for f, k, s in zip(stack.features, stack.kernel_sizes, stack.target_strides, strict=True)]
+  halos = [k // 2 for k in stack.kernel_sizes]
+  groups, dtype = stack.groups, stack.dtype
+  starts = jnp.arange(0, height, rows)
+  stats = []  # (mean, 1 / std) of each block, [B, G] each
+
+  def conv(i, x):  # block i's convolution of a slab -> float32 [B, n - 2 halo, Wa, Hb', Wb', G, O / G]
+    y = blocks[i].apply({'params': params[f'block{i}']['CenterPivotConv4d_0']}, x, source_halo=halos[i])
+    return y.astype(jnp.float32).reshape(*y.shape[:-1], groups, -1)
+
+  def normalize(i, y, first_row):  # flax GroupNorm's formula (fast variance, eps 1e-6), ReLU, padding
+    mean, inv = (v[:, None, None, None, None, :, None] for v in stats[i])
+    gn = params[f'block{i}']['GroupNorm_0']
+    y = ((y - mean) * inv).reshape(*y.shape[:-2], -1) * gn['scale'] + gn['bias']
+    row = first_row + jnp.arange(y.shape[1])
+    inside = (row >= 0) & (row < height)  # rows outside the volume are the next block's zero padding
+    return jnp.where(inside[:, None, None, None, None], nn.relu(y), 0).astype(dtype or y.dtype)
+
+  def run(start, depth):  # blocks 0..depth-1 on rows [start, start + rows); then block depth's conv
+    margin = total = sum(halos[:depth + 1])
+    x = inp = volume_rows(start - total, rows + 2 * total)
+    for i in range(depth):
+      margin -= halos[i]
+      x = normalize(i, conv(i, x), start - margin)
+    if depth == len(blocks):
+      return head(x, jax.lax.dynamic_slice_in_dim(inp, total, rows, axis=1))
+    return conv(depth, x)
+
+  for depth in range(len(blocks)):
+    def moments(start, depth=depth):  # per (batch, group) means of y and y^2 over one chunk
+      y = run(start, depth)
+      return jnp.mean(y, (1, 2, 3, 4, 6)), jnp.mean(y * y, (1, 2, 3, 4, 6))
+    means, squares = jax.lax.map(jax.checkpoint(moments), starts)  # [chunks, B, G]; equal-size chunks
+    mean = means.mean(0)
+    var = jnp.maximum(squares.mean(0) - mean * mean, 0.)
+    stats.append((mean, jax.lax.rsqrt(var + 1e-6)))
+  out = jax.lax.map(jax.checkpoint(lambda start: run(start, len(blocks))), starts)  # [chunks, B, rows, ..]
+  out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(out.shape[0], height, *out.shape[3:])
 
 
 class CenterPivotStack(nn.Module):
-  """A sequence of CenterPivotBlocks.
-
-  `remat=True` is the memory-bounded path: each block's activations are recomputed in the backward pass
-  (`jax.checkpoint`), so a step keeps only the block inputs alive; values agree with the plain stack to
-  float32 rounding. Each remat block runs as a one-step scan: XLA:CPU drops the optimisation barriers
-  that keep a recomputation from being merged back into the forward pass, but it cannot merge across
-  loop bodies, so the saving is real on every backend (docs/performance.md has the numbers).
-  """
+  """A sequence of CenterPivotBlocks; `chunked_stack` computes the same in bounded memory."""
   features: Sequence[int]
   kernel_sizes: Sequence[int]
   target_strides: Sequence[int]
   groups: int = 4
-  remat: bool = False
   dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x):
-    remat_step = nn.scan(nn.remat(_ScanStep), variable_broadcast='params',
-                         split_rngs={'params': False}, in_axes=nn.broadcast, length=1)
     blocks = zip(self.features, self.kernel_sizes, self.target_strides, strict=True)
-    for i, (f, k, s) in enumerate(blocks):  # Named, so remat and plain stacks share params.
-      args = (f, k, s, self.groups, self.dtype)
-      if self.remat:
-        x = remat_step(*args, name=f'block{i}')(None, x)[1][0]  # scan output: [1, ...]
-      else:
-        x = CenterPivotBlock(*args, name=f'block{i}')(x)
+    for i, (f, k, s) in enumerate(blocks):
+      x = CenterPivotBlock(f, k, s, self.groups, self.dtype, name=f'block{i}')(x)
     return x

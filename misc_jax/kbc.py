@@ -1,0 +1,116 @@
+"""KBC: keypoint bounding-box-centred cropping (KBCNet, REFERENCE.md section 1).
+
+Keypoints of a small object sit so close on the feature grid that their features fuse. KBC enlarges the
+image so that the keypoints' bounding box fills more of the fixed network input and crops a window of the
+input size centred on the box. It is model-agnostic and has no parameters.
+
+A crop is the affine map  crop = image * scale - offset  (per pair: scale [B], offset [B, 2] as (x, y)),
+on continuous pixel coordinates where the image spans [0, W] x [0, H] (pixel i covers [i, i + 1), the
+convention of `jax.image.scale_and_translate` and of our keypoints). Its inverse is exact:
+image = (crop + offset) / scale. Scale is never below 1, and the window is clamped inside the enlarged
+image, so a crop never shows anything outside the image. Everything here is jit-compatible with static
+output shapes.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Crop(NamedTuple):
+  scale: jax.Array   # [B]
+  offset: jax.Array  # [B, 2] (x, y), in pixels of the enlarged image
+
+
+def identity(batch: int) -> Crop:
+  return Crop(jnp.ones((batch,)), jnp.zeros((batch, 2)))
+
+
+def keypoint_box(kps, valid):
+  """Bounding box [B, 4] (x0, y0, x1, y1) of the valid keypoints [B, N, 2]; all zeros when none is."""
+  big = jnp.finfo(jnp.float32).max
+  lo = jnp.min(jnp.where(valid[..., None], kps, big), axis=1)
+  hi = jnp.max(jnp.where(valid[..., None], kps, -big), axis=1)
+  any_valid = valid.any(axis=1, keepdims=True)
+  return jnp.where(any_valid, jnp.concatenate([lo, hi], axis=-1), 0.)
+
+
+def crop_for_box(box, has_box, size: int, *, margin: float, fill: float, max_scale: float,
+                 small_threshold: float) -> Crop:
+  """The crop that makes `box` [B, 4] (plus `margin` x its longer side on every side) fill a `fill`
+  fraction of the `size` x `size` input, at most `max_scale` times enlarged.
+
+  Pairs without a box (`has_box` [B] False) or with a box whose longer side is at least
+  `small_threshold` x size (not a small object) get the identity crop.
+  """
+  side = jnp.max(box[:, 2:] - box[:, :2], axis=-1)  # [B]
+  padded = side * (1 + 2 * margin)
+  scale = jnp.clip(fill * size / jnp.maximum(padded, 1e-6), 1., max_scale)
+  scale = jnp.where(has_box & (side < small_threshold * size), scale, 1.)
+  centre = (box[:, :2] + box[:, 2:]) / 2 * scale[:, None]
+  offset = jnp.clip(centre - size / 2, 0., (scale[:, None] - 1) * size)  # window inside the image
+  return Crop(scale, offset)
+
+
+def to_crop(points, crop: Crop):
+  """Image pixels [B, ..., 2] -> crop pixels."""
+  expand = lambda v: v.reshape(v.shape[:1] + (1,) * (points.ndim - v.ndim) + v.shape[1:])
+  return points * expand(crop.scale[:, None]) - expand(crop.offset)
+
+
+def from_crop(points, crop: Crop):
+  """Crop pixels [B, ..., 2] -> image pixels (the exact inverse of `to_crop`)."""
+  expand = lambda v: v.reshape(v.shape[:1] + (1,) * (points.ndim - v.ndim) + v.shape[1:])
+  return (points + expand(crop.offset)) / expand(crop.scale[:, None])
+
+
+def boxes_to_crop(boxes, crop: Crop):
+  """Boxes [B, ..., 4] (x0, y0, x1, y1) -> crop pixels (still boxes: the map is a scale and a shift)."""
+  corners = to_crop(boxes.reshape(*boxes.shape[:-1], 2, 2), crop)
+  return corners.reshape(boxes.shape)
+
+
+def resample(images, crop: Crop, method: str = 'linear'):
+  """Images [B, H, W, C] -> the cropped window at the same size (float32). Masks: resample as float and
+  threshold at 0.5."""
+  def one(image, scale, offset):
+    return jax.image.scale_and_translate(
+        image.astype(jnp.float32), image.shape, (0, 1), jnp.stack([scale, scale]), -offset[::-1],
+        method=method, antialias=False)
+  return jax.vmap(one)(images, crop.scale, crop.offset)
+
+
+def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:
+  """The crop around the valid keypoints [B, N, 2], with config.kbc's margin, fill, max_scale and
+  small_threshold."""
+  c = kbc_config
+  return crop_for_box(keypoint_box(kps, valid), valid.any(-1), size, margin=c.margin, fill=c.fill,
+                      max_scale=c.max_scale, small_threshold=c.small_threshold)
+
+
+def crop_side(side, crop: Crop):
+  """One side of a batch (input_pipeline layout: image [B, S, S, 3] float, keypoints [B, I, K, 2], bboxes
+  [B, I, 4], masks [B, I, S, S] bool) -> the same fields seen through the crop. Keypoints that leave the
+  window keep their (outside) coordinates and their validity."""
+  masks = resample(side['masks'].astype(jnp.float32).transpose(0, 2, 3, 1), crop) > 0.5
+  return dict(side, image=resample(side['image'], crop), keypoints=to_crop(side['keypoints'], crop),
+              bboxes=boxes_to_crop(side['bboxes'], crop), masks=masks.transpose(0, 3, 1, 2))
+
+
+def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_config):
+  """KBC at test time: crop both images, predict there, map the predictions back.
+
+  apply(source_images, target_images) -> scores; transfer(scores, kps, valid) -> target keypoints (both
+  in the network input's pixels). The source crop comes from the source keypoints [B, K, 2]. The target
+  keypoints are unknown at test time: `coarse` (a first pass's predictions on the whole images) places the
+  target crop around their box; None leaves the target image uncropped. Returns target keypoints
+  [B, K, 2] in the whole image's pixels (invalid ones unchanged).
+  """
+  size = source.shape[1]
+  src_crop = crop_for_config(src_kps, src_valid, size, kbc_config)
+  trg_crop = (identity(source.shape[0]) if coarse is None
+              else crop_for_config(coarse, src_valid, size, kbc_config))
+  scores = apply(resample(source, src_crop), resample(target, trg_crop))
+  pred = from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop)
+  return jnp.where(src_valid[..., None], pred, src_kps)

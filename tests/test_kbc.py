@@ -1,0 +1,125 @@
+"""KBC cropping: exact inverse maps, windows inside the image, degenerate boxes, a dot stays on its point."""
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from misc_jax import input_pipeline
+from misc_jax import kbc
+from misc_jax import train
+from misc_jax.models import kbcnet
+
+SIZE = 64
+PARAMS = dict(margin=0.1, fill=0.8, max_scale=4., small_threshold=0.5)
+
+
+@jax.jit
+def _crop(kps, valid):
+  box = kbc.keypoint_box(kps, valid)
+  return kbc.crop_for_box(box, valid.any(-1), SIZE, **PARAMS)
+
+
+_keypoints = hnp.arrays(np.float32, (3, 5, 2), elements=st.floats(0, SIZE, width=32))
+_valid = hnp.arrays(np.bool_, (3, 5))
+
+
+@hypothesis.settings(deadline=None, max_examples=50)
+@hypothesis.given(_keypoints, _valid)
+def test_crop_then_uncrop_returns_the_keypoints(kps, valid):
+  crop = _crop(kps, valid)
+  np.testing.assert_allclose(kbc.from_crop(kbc.to_crop(kps, crop), crop), kps, atol=1e-4)
+
+
+@hypothesis.settings(deadline=None, max_examples=50)
+@hypothesis.given(_keypoints, _valid)
+def test_window_lies_inside_the_image_and_keeps_the_keypoints(kps, valid):
+  crop = _crop(kps, valid)
+  assert np.all(np.isfinite(crop.scale)) and np.all(np.isfinite(crop.offset))
+  assert np.all(crop.scale >= 1) and np.all(crop.scale <= PARAMS['max_scale'])
+  corners = kbc.from_crop(jnp.array([[[0., 0.], [SIZE, SIZE]]] * 3), crop)  # the window, in the image
+  assert np.all(corners >= -1e-4) and np.all(corners <= SIZE + 1e-4)
+  inside = kbc.to_crop(kps, crop)
+  assert np.all((inside[valid] >= -1e-3) & (inside[valid] <= SIZE + 1e-3))
+
+
+def test_degenerate_boxes_give_valid_crops():
+  kps = np.zeros((5, 3, 2), np.float32)
+  valid = np.ones((5, 3), bool)
+  kps[0] = [[10, 12], [0, 0], [0, 0]]
+  valid[0, 1:] = False                          # one valid keypoint
+  kps[1] = [[30, 30]] * 3                       # all identical
+  kps[2] = [[-20, -20], [90, 90], [30, 30]]     # box larger than the image
+  kps[3] = [[0, 0], [2, 1], [1, 3]]             # at the border
+  valid[4] = False                              # none valid
+  crop = _crop(kps, valid)
+  np.testing.assert_allclose(crop.scale, [4, 4, 1, 4, 1])  # tiny boxes: the largest enlargement
+  offset = np.asarray(crop.offset)
+  np.testing.assert_allclose(offset[[2, 3, 4]], 0)  # 3: the window clamped into the image's corner
+  np.testing.assert_allclose(kbc.to_crop(kps[1:2], jax.tree.map(lambda v: v[1:2], crop))[0, 0],
+                             [SIZE / 2, SIZE / 2], atol=1e-4)  # the box centre is the crop centre
+
+
+def test_small_threshold_and_fill():
+  kps = np.array([[[20., 20.], [36., 24.]], [[0., 0.], [40., 10.]]], np.float32)  # sides 16 and 40
+  crop = _crop(kps, np.ones((2, 2), bool))
+  np.testing.assert_allclose(crop.scale, [0.8 * SIZE / (16 * 1.2), 1.])  # 40 >= 0.5 x 64: not small
+  box = kbc.boxes_to_crop(kbc.keypoint_box(kps, np.ones((2, 2), bool)), crop)[0]
+  np.testing.assert_allclose(max(box[2] - box[0], box[3] - box[1]) * 1.2, 0.8 * SIZE, rtol=1e-5)
+
+
+def test_a_dot_stays_on_its_keypoint():
+  """A synthetic image with a dot drawn at a keypoint: after the crop, the dot is at the mapped point."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+  for _ in range(5):
+    kps = rng.uniform(8, SIZE - 8, (1, 3, 2)).astype(np.float32)
+    kps[0, 1:] = kps[0, :1] + rng.uniform(-4, 4, (2, 2))  # a small object
+    dot = kps[0, 0]
+    image = np.exp(-((xx - dot[0])**2 + (yy - dot[1])**2) / 2.)[None, ..., None].astype(np.float32)
+    crop = _crop(kps, np.ones((1, 3), bool))
+    assert crop.scale[0] > 1.5
+    out = np.asarray(kbc.resample(jnp.asarray(image), crop))[0, ..., 0]
+    weights = out / out.sum()
+    centroid = [(weights * xx).sum(), (weights * yy).sum()]  # of the dot, in crop pixels
+    np.testing.assert_allclose(centroid, kbc.to_crop(kps, crop)[0, 0], atol=0.05)
+
+
+def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
+  """Through an identity score volume, the crops' maps must cancel: the plumbing of kbc.predict."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.kbcnet_config('kbcnet_tiny', 'synthetic_misc/tiny', image_size=SIZE).kbc
+  grid = SIZE // 8
+  eye = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
+  apply = lambda source, target: jnp.broadcast_to(eye, (source.shape[0],) + eye.shape[1:]) * 100.
+  transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE, beta=1.)
+  kps = np.array([[[20., 22.], [26., 25.], [23., 30.]]], np.float32)  # a small object
+  valid = np.array([[True, True, False]])
+  images = jnp.zeros((1, SIZE, SIZE, 3))
+  assert _crop(kps, valid).scale[0] > 1.5
+  pred = kbc.predict(apply, transfer, images, images, kps, valid, kps, config)
+  np.testing.assert_allclose(pred[valid], kps[valid], atol=0.2)
+  np.testing.assert_array_equal(pred[~valid], kps[~valid])
+
+
+def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
+  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
+  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)  # all devices' pairs
+  b = batch['valid'].shape[0]
+  keys = jax.random.split(jax.random.key(0), b)
+  with smoke_config.unlocked():
+    smoke_config.kbc.train_prob = 0.5
+  out = train._kbc_crops(batch, keys, kbcnet, smoke_config)  # pylint: disable=protected-access
+  moved = np.array([not np.array_equal(out['source']['image'][i], batch['source']['image'][i])
+                    for i in range(b)])
+  assert 0 < moved.sum() < b  # some pairs cropped, some not
+  still = ~moved
+  np.testing.assert_array_equal(out['source']['keypoints'][still], batch['source']['keypoints'][still])
+  src_crop = kbc.crop_for_config(batch['source']['keypoints'][:, 0],
+                                 batch['source']['keypoint_valid'][:, 0], SIZE, smoke_config.kbc)
+  i = int(np.argmax(moved))
+  np.testing.assert_allclose(out['source']['keypoints'][i, 0],
+                             kbc.to_crop(batch['source']['keypoints'][i:i + 1, 0],
+                                         jax.tree.map(lambda v: v[i:i + 1], src_crop))[0], atol=1e-4)
