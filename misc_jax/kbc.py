@@ -71,14 +71,18 @@ def boxes_to_crop(boxes, crop: Crop):
   return corners.reshape(boxes.shape)
 
 
-def resample(images, crop: Crop, method: str = 'linear'):
-  """Images [B, H, W, C] -> the cropped window at the same size (float32). Masks: resample as float and
-  threshold at 0.5."""
+def resample(images, crop: Crop):
+  """Images [B, H, W, C] -> the cropped window at the same size and dtype (bilinear; integer images are
+  rounded). Masks: resample as float and threshold at 0.5."""
   def one(image, scale, offset):
     return jax.image.scale_and_translate(
         image.astype(jnp.float32), image.shape, (0, 1), jnp.stack([scale, scale]), -offset[::-1],
-        method=method, antialias=False)
-  return jax.vmap(one)(images, crop.scale, crop.offset)
+        method='linear', antialias=False)
+  out = jax.vmap(one)(images, crop.scale, crop.offset)
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    info = jnp.iinfo(images.dtype)
+    out = jnp.clip(jnp.round(out), info.min, info.max)
+  return out.astype(images.dtype)
 
 
 def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:

@@ -65,6 +65,11 @@ def _merge_backbone(variables, backbone, source: str):
   return variables
 
 
+def _absolute(path: str) -> epath.Path:
+  """Orbax needs absolute paths; URLs (gs://...) are left alone."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+
+
 def initial_state(config, model) -> optim.TrainState:
   """Fresh parameters, then config.model.backbone_init (a converted backbone) and config.model.init_from
   (another run's workdir: its latest params and statistics) when set."""
@@ -76,7 +81,7 @@ def initial_state(config, model) -> optim.TrainState:
                                 config.model.backbone_init)
   state = optim.create_train_state(config, model.apply, variables)
   if config.model.init_from:
-    path = epath.Path(config.model.init_from) / 'checkpoints'
+    path = _absolute(config.model.init_from) / 'checkpoints'
     with ocp.CheckpointManager(path) as mgr:
       if mgr.latest_step() is None:
         raise FileNotFoundError(f'config.model.init_from: no checkpoint in {path}')
@@ -190,9 +195,7 @@ def _host_metrics(pending):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.total_steps` steps (resuming from workdir if it holds a checkpoint), evaluating
   every config.eval_every_steps and at the end. Returns the last evaluation's metrics."""
-  if '://' not in str(workdir):
-    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
-  workdir = epath.Path(workdir)
+  workdir = _absolute(workdir)
   lead = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
   if lead:

@@ -24,6 +24,9 @@ def _draw_side(ax, side, title):
     ax.scatter(side['keypoints'][i, k, 0], side['keypoints'][i, k, 1], c=k, cmap='tab20',
                vmin=0, vmax=19, s=22, marker=_MARKERS[i % len(_MARKERS)], edgecolors='white',
                linewidths=0.6)
+  height, width = side['image'].shape[:2]
+  ax.set_xlim(0, width)  # keypoints outside the image (e.g. after a crop) must not widen the view
+  ax.set_ylim(height, 0)
   ax.set_title(title, fontsize=8)
   ax.set_axis_off()
 

@@ -152,7 +152,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(refere
 def test_evaluation_only_run_from_another_workdir_reproduces_its_pck(reference, smoke_config,
                                                                     tmp_path):
   """total_steps=0 with init_from (how configs/kbcnet_pfwillow.py evaluates a PF-PASCAL model)."""
-  config = _configure(smoke_config, total_steps=0, **{'model.init_from': str(reference[0])})
+  relative = os.path.relpath(reference[0])  # as a user types it
+  config = _configure(smoke_config, total_steps=0, **{'model.init_from': relative})
   metrics = train.train_and_evaluate(config, str(tmp_path / 'eval_only'))
   assert metrics['pck@0.1'] == pytest.approx(reference[1]['pck@0.1'], abs=1e-6)
   assert metrics['num_pairs'] == reference[1]['num_pairs']
