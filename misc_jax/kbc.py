@@ -93,6 +93,14 @@ def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:
                       max_scale=c.max_scale, small_threshold=c.small_threshold)
 
 
+def ground_truth_crops(src_kps, src_valid, trg_kps, trg_valid, size: int, kbc_config):
+  """Crops for training and figures: around the source keypoints [B, K, 2] and around the ground-truth
+  target keypoints [B, I, K, 2] of every target instance."""
+  b = src_kps.shape[0]
+  return (crop_for_config(src_kps, src_valid, size, kbc_config),
+          crop_for_config(trg_kps.reshape(b, -1, 2), trg_valid.reshape(b, -1), size, kbc_config))
+
+
 def crop_side(side, crop: Crop):
   """One side of a batch (input_pipeline layout: image [B, S, S, 3] float, keypoints [B, I, K, 2], bboxes
   [B, I, 4], masks [B, I, S, S] bool) -> the same fields seen through the crop. Keypoints that leave the

@@ -131,9 +131,8 @@ def _kbc_crops(batch, keys, model_module, config):
   identity = kbc.identity(b)
   chosen = lambda crop: kbc.Crop(*(jnp.where(use.reshape((b,) + (1,) * (c.ndim - 1)), c, i)
                                    for c, i in zip(crop, identity)))
-  src_crop = chosen(kbc.crop_for_config(src_kps, src_valid, size, config.kbc))
-  trg_crop = chosen(kbc.crop_for_config(trg_kps.reshape(b, -1, 2), valid.reshape(b, -1), size,
-                                        config.kbc))
+  src_crop, trg_crop = map(chosen, kbc.ground_truth_crops(src_kps, src_valid, trg_kps, valid, size,
+                                                          config.kbc))
   return dict(batch, source=kbc.crop_side(batch['source'], src_crop),
               target=kbc.crop_side(batch['target'], trg_crop))
 

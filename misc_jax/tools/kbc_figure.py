@@ -11,13 +11,13 @@ model's first pass (misc_jax/kbc.py).
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from misc_jax import input_pipeline
 from misc_jax import kbc
-from misc_jax.models import kbcnet
 from misc_jax import visualize
+from misc_jax.models import kbcnet
 from tfds_builders import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -33,15 +33,13 @@ def main(argv):
   batch = next(input_pipeline.eval_iterator(config, config.dataset.eval_split, to_device=False))
   batch = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])[:_PAIRS.value], batch)
   src_kps, src_valid, trg_kps, valid, _ = kbcnet.instance_targets(batch)
-  b, size = src_kps.shape[0], config.input.image_size
-  crops = {'source': kbc.crop_for_config(src_kps, src_valid, size, config.kbc),
-           'target': kbc.crop_for_config(trg_kps.reshape(b, -1, 2), valid.reshape(b, -1), size,
-                                         config.kbc)}
+  crops = dict(zip(('source', 'target'), kbc.ground_truth_crops(
+      src_kps, src_valid, trg_kps, valid, config.input.image_size, config.kbc)))
   cropped = dict(batch, **{side: kbc.crop_side(batch[side], crops[side]) for side in crops})
   # Rows: pair 0, pair 0 cropped, pair 1, pair 1 cropped, ...
   rows = jax.tree.map(lambda a, c: np.stack([a, np.asarray(c)], 1).reshape((-1,) + a.shape[1:]),
                       batch, cropped)
-  visualize.save_pairs(rows, _OUT.value, num_pairs=2 * b,
+  visualize.save_pairs(rows, _OUT.value, num_pairs=2 * len(src_kps),
                        category_names=builder.info.features['category'].names)
   print(f'Wrote {_OUT.value}; source scales {np.round(crops["source"].scale, 2)}, target scales '
         f'{np.round(crops["target"].scale, 2)}')
