@@ -53,16 +53,22 @@ def crop_for_box(box, has_box, size: int, *, margin: float, fill: float, max_sca
   return Crop(scale, offset)
 
 
+def _per_point(crop: Crop, ndim: int):
+  """scale and offset shaped [B, 1, ..., 1, 1] and [B, 1, ..., 2] for points of rank `ndim`."""
+  expand = lambda v: v.reshape(v.shape[:1] + (1,) * (ndim - v.ndim) + v.shape[1:])
+  return expand(crop.scale[:, None]), expand(crop.offset)
+
+
 def to_crop(points, crop: Crop):
   """Image pixels [B, ..., 2] -> crop pixels."""
-  expand = lambda v: v.reshape(v.shape[:1] + (1,) * (points.ndim - v.ndim) + v.shape[1:])
-  return points * expand(crop.scale[:, None]) - expand(crop.offset)
+  scale, offset = _per_point(crop, points.ndim)
+  return points * scale - offset
 
 
 def from_crop(points, crop: Crop):
   """Crop pixels [B, ..., 2] -> image pixels (the exact inverse of `to_crop`)."""
-  expand = lambda v: v.reshape(v.shape[:1] + (1,) * (points.ndim - v.ndim) + v.shape[1:])
-  return (points + expand(crop.offset)) / expand(crop.scale[:, None])
+  scale, offset = _per_point(crop, points.ndim)
+  return (points + offset) / scale
 
 
 def boxes_to_crop(boxes, crop: Crop):
