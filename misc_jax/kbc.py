@@ -108,7 +108,7 @@ def ground_truth_crops(src_kps, src_valid, trg_kps, trg_valid, size: int, kbc_co
 
 
 def crop_side(side, crop: Crop):
-  """One side of a batch (input_pipeline layout: image [B, S, S, 3] float, keypoints [B, I, K, 2], bboxes
+  """One side of a batch (input_pipeline layout: image [B, S, S, 3] uint8, keypoints [B, I, K, 2], bboxes
   [B, I, 4], masks [B, I, S, S] bool) -> the same fields seen through the crop. Keypoints that leave the
   window keep their (outside) coordinates and their validity."""
   masks = resample(side['masks'].astype(jnp.float32).transpose(0, 2, 3, 1), crop) > 0.5
