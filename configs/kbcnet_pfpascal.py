@@ -1,6 +1,6 @@
 r"""KBCNet-R101 on PF-PASCAL (image PCK), the CHM/CATs flavour of the data.
 
-  python -m tfds_builders.build pf_pascal/chm --manual_dir ~/data/PF-PASCAL      # once (issue 7)
+  python -m tfds_builders.build pf_pascal/chm --manual_dir ~/data/PF-PASCAL  # once
   python -m misc_jax.main --config configs/kbcnet_pfpascal.py --workdir runs/kbcnet_pfpascal \
       --config.model.backbone_init=~/weights/resnet101.msgpack
 

@@ -1,6 +1,6 @@
 r"""Evaluates a PF-PASCAL-trained KBCNet on PF-WILLOW (bbox PCK), as the peers do: no training.
 
-  python -m tfds_builders.build pf_willow --manual_dir ~/data/PF-WILLOW          # once (issue 7)
+  python -m tfds_builders.build pf_willow --manual_dir ~/data/PF-WILLOW      # once
   python -m misc_jax.main --config configs/kbcnet_pfwillow.py --workdir runs/kbcnet_pfwillow \
       --config.model.init_from=runs/kbcnet_pfpascal
 

@@ -1,6 +1,6 @@
 r"""KBCNet-R101 on SPair-71k (bbox PCK), from an ImageNet ResNet-101 converted from torchvision.
 
-  python -m tfds_builders.build spair71k --manual_dir ~/data/SPair-71k     # once (builder: issue 7)
+  python -m tfds_builders.build spair71k --manual_dir ~/data/SPair-71k  # once
   python -m misc_jax.tools.convert_resnet resnet101-63fe2227.pth ~/weights/resnet101.msgpack
   python -m misc_jax.main --config configs/kbcnet_spair.py --workdir gs://BUCKET/kbcnet_spair \
       --config.model.backbone_init=~/weights/resnet101.msgpack

@@ -9,14 +9,19 @@ input pipeline, the models and the evaluators never care which dataset they read
     image         Image uint8 [H, W, 3], encoded (JPEG or PNG)
     instance_ids  int64 [I]              ids of the annotated instances, unique within the image
     keypoints     float32 [I, K, 2]      (x, y) in pixels of the original image
-    keypoint_visible bool [I, K]         False where a keypoint is not labelled, occluded or out of frame
+    keypoint_visible bool [I, K]         True where the keypoint's position is labelled (in a pair
+                                          dataset: labelled in both images)
     bboxes        float32 [I, 4]         (x1, y1, x2, y2) in pixels, x2 > x1 and y2 > y1
     masks         Sequence(Image uint8 [H, W, 1], PNG)  one binary mask per instance (0 / 255),
                                           or an empty sequence for datasets without masks
+  attributes   dict of int32 scalars  only in datasets that annotate pairs (SPair-71k: viewpoint_variation,
+                                      scale_variation, truncation, occlusion, mirror); the evaluator reports
+                                      PCK for each value of each attribute
 
 Conventions:
-- Pixel coordinates are continuous: the image covers [0, W] x [0, H] and the centre of pixel (col i, row j)
-  is (i + 0.5, j + 0.5). Resizing by a factor s maps x to s * x (what the peers do for PCK).
+- Coordinates are the dataset's own, unchanged (the peers' PCK uses them so). For the synthetic data they
+  are continuous: the image covers [0, W] x [0, H] and the centre of pixel (col i, row j) is
+  (i + 0.5, j + 0.5). Resizing by a factor s maps x to s * x (what the peers do for PCK).
 - Keypoint index k names the same semantic part in every instance of the category, in both images, so
   keypoint k of any source instance corresponds to keypoint k of every target instance.
 - K is fixed per dataset (the category-union keypoint count; unused slots are invisible). The pipeline pads
@@ -40,8 +45,9 @@ class InvalidExampleError(ValueError):
   """A record that breaks the schema; the message names dataset, split, key and field."""
 
 
-def pair_features(category_names: Sequence[str]) -> tfds.features.FeaturesDict:
-  """Returns the TFDS features of one correspondence pair."""
+def pair_features(category_names: Sequence[str],
+                  attributes: Sequence[str] = ()) -> tfds.features.FeaturesDict:
+  """Returns the TFDS features of one correspondence pair (with int `attributes` when given)."""
 
   def side():
     return tfds.features.FeaturesDict({
@@ -54,12 +60,16 @@ def pair_features(category_names: Sequence[str]) -> tfds.features.FeaturesDict:
             tfds.features.Image(shape=(None, None, 1), encoding_format='png')),
     })
 
-  return tfds.features.FeaturesDict({
+  pair = {
       'pair_id': tfds.features.Text(),
       'category': tfds.features.ClassLabel(names=list(category_names)),
       'source': side(),
       'target': side(),
-  })
+  }
+  if attributes:
+    pair['attributes'] = tfds.features.FeaturesDict(
+        {name: tfds.features.Scalar(dtype=np.int32) for name in attributes})
+  return tfds.features.FeaturesDict(pair)
 
 
 def validate_side(side: dict, *, dataset: str, split: str, key: str, name: str) -> None:

@@ -12,6 +12,7 @@ Every dataset emits the schema of `misc_jax.features`; this module turns it into
     has_masks      bool    [D, B]
     scale          float32 [D, B, 2]         (sx, sy): resized = scale * original pixel coordinates
   batch['category'] int32 [D, B];  batch['valid'] bool [D, B] (False on evaluation padding)
+  batch['attributes'] {name: int32 [D, B]}  only for datasets with pair attributes (SPair-71k)
 
 I = config.input.max_instances and K = config.input.max_keypoints pad instances and keypoints, so shapes
 are static under jit. Training order is a pure function of (seed, step): the split is repeated, shuffled
@@ -40,8 +41,12 @@ def _decode(example):
   for side in features.SIDES:
     s = example[side]
     s['image'] = tf.io.decode_image(s['image'], channels=3, expand_animations=False)
-    s['masks'] = tf.map_fn(lambda png: tf.io.decode_png(png, channels=1), s['masks'],
-                           fn_output_signature=tf.TensorSpec([None, None, 1], tf.uint8))
+    hw = tf.shape(s['image'])[:2]
+    s['masks'] = tf.cond(  # map_fn cannot stack zero masks (PF-PASCAL, PF-WILLOW have none)
+        tf.size(s['masks']) > 0,
+        lambda: tf.map_fn(lambda png: tf.io.decode_png(png, channels=1), s['masks'],
+                          fn_output_signature=tf.TensorSpec([None, None, 1], tf.uint8)),
+        lambda: tf.zeros([0, hw[0], hw[1], 1], tf.uint8))
   return example
 
 
@@ -112,6 +117,8 @@ def augment_image(image, seed, config: ml_collections.ConfigDict):
 def preprocess(example, *, config: ml_collections.ConfigDict, train: bool, index=None):
   """Decoded example -> one fixed-shape training/eval example (see the module docstring)."""
   out = {'category': tf.cast(example['category'], tf.int32), 'valid': tf.constant(True)}
+  if 'attributes' in example:
+    out['attributes'] = {k: tf.cast(v, tf.int32) for k, v in example['attributes'].items()}
   for i, side in enumerate(features.SIDES):
     out[side] = preprocess_side(example[side], example['pair_id'], config)
     if train and config.input.augment.photometric:

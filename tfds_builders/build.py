@@ -7,47 +7,85 @@ Afterwards `tfds.load('<name>/<config>', data_dir=...)` works in any process tha
 `tfds_builders.<name>`.
 """
 
+import dataclasses
 import importlib
+import math
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import shard_utils
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: $TFDS_DATA_DIR or '
                                 '~/tensorflow_datasets).')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Where the licensed archives were unpacked.')
 _MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 16 << 20, 'Largest shard, in bytes.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
+_SKIP_BAD = flags.DEFINE_bool('skip_bad_examples', False, 'Skip pairs with bad inputs (missing or corrupt '
+                              'files, malformed annotations) instead of failing; they are counted and '
+                              'listed in skipped_examples.tsv next to the records.')
+SKIP_LOG = 'skipped_examples.tsv'
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+class _ShardConfig(shard_utils.ShardConfig):
+  """Shards of at most max_shard_size bytes (as many as there are examples at most).
+
+  TFDS 4.9.10 computes the shard count from its class defaults (64 MiB to 1 GiB) and ignores the sizes
+  set in DownloadConfig, so every split of a small dataset came out as one shard.
+  """
+
+  def get_number_shards(self, total_size, num_examples, uses_precise_sharding=True):
+    del uses_precise_sharding  # TFDS's writer shards by example count
+    if self.num_shards:
+      return self.num_shards
+    total_size += num_examples * self.overhead
+    return max(1, min(num_examples, math.ceil(total_size / self.max_shard_size)))
+
+
+@dataclasses.dataclass
+class _DownloadConfig(tfds.download.DownloadConfig):
+
+  def get_shard_config(self):
+    return _ShardConfig(max_shard_size=self.max_shard_size)
+
+
+def get_builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.DatasetBuilder:
   """Imports `tfds_builders.<dataset>` (registering it) and returns the builder for `name`.
 
-  `name` is '<dataset>' or '<dataset>/<config>'.
+  `name` is '<dataset>' or '<dataset>/<config>'; `kwargs` go to the builder.
   """
   dataset = name.split('/')[0]
   importlib.import_module(f'tfds_builders.{dataset}')
-  return tfds.builder(name, data_dir=data_dir)
+  return tfds.builder(name, data_dir=data_dir, **kwargs)
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-          max_shard_size: int = 16 << 20, overwrite: bool = False) -> tfds.core.DatasetBuilder:
+          max_shard_size: int = 16 << 20, overwrite: bool = False,
+          skip_bad_examples: bool = False) -> tfds.core.DatasetBuilder:
   """Generates the dataset's records (a no-op when they exist, unless `overwrite`).
 
-  Shards hold between `max_shard_size / 4` and `max_shard_size` bytes, so even the small synthetic splits
-  come in several files that processes and readers can share.
+  Shards hold at most `max_shard_size` bytes (16 MiB by default, so even the synthetic splits come in
+  several files that processes and readers can share). With `skip_bad_examples` (real datasets
+  only), pairs with bad inputs are left out and listed in `<records>/skipped_examples.tsv`.
   """
-  builder = get_builder(name, data_dir)
+  kwargs = {'skip_bad_examples': True} if skip_bad_examples else {}
+  builder = get_builder(name, data_dir, **kwargs)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   if manual_dir:
     manual_dir = os.path.expanduser(manual_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, max_shard_size=max_shard_size, min_shard_size=max_shard_size // 4,
-      download_mode=mode,
+  builder.download_and_prepare(download_config=_DownloadConfig(
+      manual_dir=manual_dir, max_shard_size=max_shard_size, download_mode=mode,
       try_download_gcs=False))
+  skipped = getattr(builder, 'skipped', [])
+  if skipped:
+    with open(os.path.join(builder.data_dir, SKIP_LOG), 'w') as f:
+      f.write('split\tkey\treason\n')
+      f.writelines(f'{split}\t{key}\t{reason}\n' for split, key, reason in skipped)
+    logging.warning('Skipped %d bad examples; keys and reasons in %s', len(skipped),
+                    os.path.join(builder.data_dir, SKIP_LOG))
   return builder
 
 
@@ -55,7 +93,7 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError('usage: python -m tfds_builders.build NAME[/CONFIG] [--data_dir ...]')
   builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _MAX_SHARD_SIZE.value,
-                  _OVERWRITE.value)
+                  _OVERWRITE.value, _SKIP_BAD.value)
   for split, info in builder.info.splits.items():
     logging.info('%s %s: %d examples in %d shards', builder.info.full_name, split,
                  info.num_examples, info.num_shards)

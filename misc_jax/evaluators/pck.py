@@ -4,6 +4,8 @@ Protocol (REFERENCE.md section 4): keypoints of source instance 0, scored agains
 instance (see models/kbcnet.py); threshold alpha * max(w, h) of that instance's box (`bbox`, SPair-71k,
 PF-WILLOW) or of the network input (`image`, PF-PASCAL, whose inputs are resized to a square). Per-image
 PCK (the field's headline number) averages over pairs with a valid keypoint; per-keypoint PCK pools them.
+Datasets with pair attributes (SPair-71k's viewpoint, scale, truncation, occlusion, mirror) also get
+per-image PCK for each value of each attribute (values 0 to ATTRIBUTE_LEVELS - 1).
 """
 
 import functools
@@ -16,6 +18,8 @@ import numpy as np
 from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax.ops import pck
+
+ATTRIBUTE_LEVELS = 8  # SPair-71k's attributes take values 0..4
 
 
 def transfer_kwargs(model_config):
@@ -60,7 +64,11 @@ def eval_step(state, batch, *, model_module, config, num_categories: int):
       'pairs': counted.sum(),
       'category_per_image': by_category.T @ res['per_image'],  # [C, A]
       'category_pairs': by_category.sum(0),
+      'attributes': {},
   }
+  for name, values in batch.get('attributes', {}).items():
+    levels = jax.nn.one_hot(values, ATTRIBUTE_LEVELS) * counted[:, None]  # [B, L]
+    sums['attributes'][name] = {'per_image': levels.T @ res['per_image'], 'pairs': levels.sum(0)}
   return lax.psum(sums, 'batch'), out
 
 
@@ -94,4 +102,10 @@ class Evaluator:
                for i, a in enumerate(self.config.eval.alphas)} | {'num_pairs': int(n)}
         for c, name in enumerate(self.category_names)
         if (n := total['category_pairs'][c]) > 0}
+    if total['attributes']:
+      metrics['per_attribute'] = {
+          name: {str(level): {f'pck@{a:g}': float(sums['per_image'][level, i] / n)
+                              for i, a in enumerate(self.config.eval.alphas)} | {'num_pairs': int(n)}
+                 for level in range(ATTRIBUTE_LEVELS) if (n := sums['pairs'][level]) > 0}
+          for name, sums in total['attributes'].items()}
     return metrics
