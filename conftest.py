@@ -25,3 +25,33 @@ def smoke_config(tiny_data_dir):
   config = synthetic.get_config('smoke')
   config.dataset.data_dir = tiny_data_dir
   return config
+
+
+# The smoke run that test_train.py compares against and test_predict_evaluate.py loads.
+SMOKE_STEPS = 6
+SMOKE_OVERRIDES = {'total_steps': SMOKE_STEPS, 'log_every_steps': 1, 'checkpoint_every_steps': 1,
+                   'eval_every_steps': SMOKE_STEPS, 'input.data_shards': 2}
+
+
+def configure(config, **overrides):
+  """Sets dotted config fields: SMOKE_OVERRIDES, then `overrides`."""
+  with config.unlocked():
+    for key, value in {**SMOKE_OVERRIDES, **overrides}.items():
+      *path, leaf = key.split('.')
+      node = config
+      for name in path:
+        node = node[name]
+      node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='session')
+def trained_run(tiny_data_dir, tmp_path_factory):
+  """An uninterrupted 6-step smoke run in this process (8 devices), with the config.json that
+  misc_jax.main writes: (workdir, final metrics)."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from misc_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('trained_run')
+  config = configure(synthetic.get_config('smoke'), **{'dataset.data_dir': tiny_data_dir})
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  return workdir, train.train_and_evaluate(config, str(workdir))

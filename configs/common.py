@@ -61,6 +61,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.optim.grad_clip = 1.0
 
   config.eval = ml_collections.ConfigDict()
+  config.eval.evaluator = 'pck'  # misc_jax/evaluators/<name>.py: 'pck', or 'misc' (multi-instance)
   config.eval.alphas = (0.05, 0.1, 0.15)
   config.eval.threshold = 'bbox'  # 'bbox' (SPair-71k, PF-WILLOW) or 'image' (PF-PASCAL)
   config.eval.best_metric = 'pck@0.1'

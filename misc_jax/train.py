@@ -6,6 +6,7 @@ Data parallel with `jax.pmap(axis_name='batch')`; one process per host, each rea
 order and randomness are functions of the step, so a resumed run ends where an uninterrupted one does.
 """
 
+import functools
 import importlib
 import json
 import os
@@ -31,7 +32,6 @@ from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import optim
 from misc_jax import visualize
-from misc_jax.evaluators import pck as pck_evaluator
 from tfds_builders import build
 
 
@@ -103,18 +103,10 @@ def train_step(state, batch, rng, *, model_module, config):
   batch = dict(batch, source=_move_to_front(batch['source'], pick))
   if config.kbc.train_prob:
     batch = _kbc_crops(batch, keys, model_module, config)
-  src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    scores = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
-    pred = model_module.predict_keypoints(scores, src_kps, src_valid, size,
-                                          **pck_evaluator.transfer_kwargs(config.model))
-    transfer = model_module.keypoint_loss(pred, trg_kps, valid, size)
-    match = model_module.match_loss(scores, src_kps, src_valid, trg_kps, valid, size,
-                                    config.model.beta)
-    loss = transfer + config.model.match_loss_weight * match
-    return loss, {'transfer_loss': transfer, 'match_loss': match}
+    apply = functools.partial(state.apply_fn, {'params': params, 'batch_stats': state.batch_stats})
+    return model_module.train_loss(apply, batch, config)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = lax.pmean(grads, 'batch')
@@ -178,6 +170,52 @@ def _checkpoint_managers(config, workdir):
   return latest, best
 
 
+def evaluator_for(config, model_module, split: str, category_names):
+  """The Evaluator of misc_jax/evaluators/<config.eval.evaluator>.py for one split."""
+  module = importlib.import_module(f'misc_jax.evaluators.{config.eval.evaluator}')
+  return module.Evaluator(config, model_module, split, category_names)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json, written by misc_jax.main)."""
+  path = _absolute(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a misc_jax workdir')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_run(workdir: str, checkpoint: str = 'latest', config: ml_collections.ConfigDict | None = None):
+  """A finished or running run: (config, model module, restored state, step).
+
+  `checkpoint` is 'latest', 'best' (the best evaluated step) or a step number; `config` defaults to
+  `read_config(workdir)`. Errors name the workdir: no config.json, no such checkpoint, or a checkpoint
+  that does not fit the config's model.
+  """
+  config = config or read_config(workdir)
+  directory = _absolute(workdir) / ('checkpoints_best' if checkpoint == 'best' else 'checkpoints')
+  misfit = f'{directory}: the checkpoint does not fit the model that {workdir}/config.json describes'
+  with ocp.CheckpointManager(directory) as mgr:
+    steps = mgr.all_steps()
+    step = mgr.latest_step() if checkpoint in ('latest', 'best') else int(checkpoint)
+    if step is None or step not in steps:
+      raise FileNotFoundError(f'no checkpoint {checkpoint!r} in {directory} (steps there: {steps})')
+    config.model.init_from = config.model.backbone_init = None  # the checkpoint holds every parameter
+    model_module, model = create_model(config)
+    target = jax.device_get(initial_state(config, model))
+    try:
+      state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{misfit} ({type(e).__name__}: {str(e)[:300]})') from e
+  # Orbax restores arrays of any shape into the target: compare them here.
+  shapes = lambda tree: {jax.tree_util.keystr(k): np.shape(v)
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  expected, got = shapes(target), shapes(state)
+  if expected != got:
+    diff = sorted(set(expected.items()) ^ set(got.items()))[:2]
+    raise ValueError(f'{misfit} (first differences, as (parameter, shape): {diff})')
+  return config, model_module, state, step
+
+
 def replicate(tree):
   """A host pytree -> one copy per local device, laid out exactly as pmap lays out its outputs, so the
   step's second call (on its own outputs) does not compile the step again."""
@@ -218,8 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lambda s, b, r: train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
                                  config=config),
       axis_name='batch', donate_argnums=(0,))
-  evaluator = pck_evaluator.Evaluator(config, model_module, config.dataset.eval_split,
-                                      category_names)
+  evaluator = evaluator_for(config, model_module, config.dataset.eval_split, category_names)
 
   def save(step, metrics=None):
     host = jax.device_get(jax_utils.unreplicate(p_state))
@@ -229,15 +266,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate(step):
     metrics, first = evaluator.evaluate(p_state)
-    scalars = {f'eval/{k}': v for k, v in metrics.items() if k.startswith('pck')}
+    scalars = {f'eval/{k}': v for k, v in metrics.items() if isinstance(v, float)}
     writer.write_scalars(step, scalars)
     logging.info('step %d %s: %s', step, config.dataset.eval_split, json.dumps(scalars))
     if lead:
       (workdir / 'eval').mkdir(exist_ok=True)
       (workdir / 'eval' / f'{config.dataset.eval_split}_{step:08d}.json').write_text(
           json.dumps(dict(step=step, split=config.dataset.eval_split, **metrics), indent=2))
-      visualize.save_correspondences(first, str(workdir / 'predictions.png'),
-                                     alpha=config.eval.plot_alpha, threshold=config.eval.threshold)
+      evaluator.plot(first, str(workdir / 'predictions.png'))
     return metrics
 
   # Loop.

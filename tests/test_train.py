@@ -18,21 +18,11 @@ import pytest
 from misc_jax import train
 from misc_jax import visualize
 
+from conftest import configure as _configure
+from conftest import SMOKE_OVERRIDES as OVERRIDES
+from conftest import SMOKE_STEPS as STEPS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 6
-OVERRIDES = {'total_steps': STEPS, 'log_every_steps': 1, 'checkpoint_every_steps': 1,
-             'eval_every_steps': STEPS, 'input.data_shards': 2}
-
-
-def _configure(config, **overrides):
-  with config.unlocked():
-    for key, value in {**OVERRIDES, **overrides}.items():
-      *path, leaf = key.split('.')
-      node = config
-      for name in path:
-        node = node[name]
-      node[leaf] = value
-  return config
 
 
 def _main(workdir, data_dir, *flags, devices=8, log_name=None, **overrides):
@@ -60,14 +50,10 @@ def _params(workdir, step=STEPS):
     return mgr.restore(step)['params']
 
 
-@pytest.fixture(scope='module')
-def reference(tiny_data_dir, tmp_path_factory):
-  """An uninterrupted 6-step run in this process (8 devices), the baseline of the other tests."""
-  workdir = tmp_path_factory.mktemp('reference')
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-  config = _configure(synthetic.get_config('smoke'), **{'dataset.data_dir': tiny_data_dir})
-  metrics = train.train_and_evaluate(config, str(workdir))
-  return workdir, metrics
+@pytest.fixture
+def reference(trained_run):
+  """The uninterrupted 6-step run (conftest.py), the baseline of the other tests."""
+  return trained_run
 
 
 def test_run_writes_checkpoints_metrics_and_plots(reference):

@@ -18,14 +18,6 @@ from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import shard_utils
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: $TFDS_DATA_DIR or '
-                                '~/tensorflow_datasets).')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Where the licensed archives were unpacked.')
-_MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 16 << 20, 'Largest shard, in bytes.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
-_SKIP_BAD = flags.DEFINE_bool('skip_bad_examples', False, 'Skip pairs with bad inputs (missing or corrupt '
-                              'files, malformed annotations) instead of failing; they are counted and '
-                              'listed in skipped_examples.tsv next to the records.')
 SKIP_LOG = 'skipped_examples.tsv'
 
 
@@ -89,11 +81,23 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
   return builder
 
 
+def _define_flags():
+  """The command's flags (defined only when it runs: other modules import this one)."""
+  flags.DEFINE_string('data_dir', None,
+                      'TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).')
+  flags.DEFINE_string('manual_dir', None, 'Where the licensed archives were unpacked.')
+  flags.DEFINE_integer('max_shard_size', 16 << 20, 'Largest shard, in bytes.')
+  flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
+  flags.DEFINE_bool('skip_bad_examples', False,
+                    'Skip pairs with bad inputs (missing or corrupt files, malformed annotations) instead '
+                    'of failing; they are counted and listed in skipped_examples.tsv next to the records.')
+
+
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError('usage: python -m tfds_builders.build NAME[/CONFIG] [--data_dir ...]')
-  builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _MAX_SHARD_SIZE.value,
-                  _OVERWRITE.value, _SKIP_BAD.value)
+  f = flags.FLAGS
+  builder = build(argv[1], f.data_dir, f.manual_dir, f.max_shard_size, f.overwrite, f.skip_bad_examples)
   for split, info in builder.info.splits.items():
     logging.info('%s %s: %d examples in %d shards', builder.info.full_name, split,
                  info.num_examples, info.num_shards)
@@ -101,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -17,13 +17,10 @@ import numpy as np
 
 from misc_jax import input_pipeline
 from misc_jax import kbc
+from misc_jax import visualize
 from misc_jax.ops import pck
 
 ATTRIBUTE_LEVELS = 8  # SPair-71k's attributes take values 0..4
-
-
-def transfer_kwargs(model_config):
-  return dict(transfer=model_config.transfer, beta=model_config.beta, sigma=model_config.sigma)
 
 
 def predict(state, batch, *, model_module, config):
@@ -33,7 +30,7 @@ def predict(state, batch, *, model_module, config):
   src_kps, src_valid, trg_kps, valid, boxes = model_module.instance_targets(batch)
   size = config.input.image_size
   transfer = lambda scores, kps, kps_valid: model_module.predict_keypoints(
-      scores, kps, kps_valid, size, **transfer_kwargs(config.model))
+      scores, kps, kps_valid, size, **model_module.transfer_kwargs(config.model))
   source, target = batch['source']['image'], batch['target']['image']
   pred = transfer(apply(source, target), src_kps, src_valid)
   if config.kbc.eval:  # a second pass on crops around the keypoints (misc_jax/kbc.py)
@@ -90,6 +87,10 @@ class Evaluator:
       if first is None:
         first = jax.device_get({'batch': batch, 'prediction': out})
     return self._metrics(total), first
+
+  def plot(self, first, path: str) -> None:
+    visualize.save_correspondences(first, path, alpha=self.config.eval.plot_alpha,
+                                   threshold=self.config.eval.threshold)
 
   def _metrics(self, total):
     pairs = max(total['pairs'], 1)

@@ -144,6 +144,11 @@ def _volume(scores):
   return scores.reshape(b, ha, ha, hb, wb).astype(jnp.float32)
 
 
+def transfer_kwargs(model_config) -> dict:
+  """The config.model fields of `predict_keypoints`."""
+  return dict(transfer=model_config.transfer, beta=model_config.beta, sigma=model_config.sigma)
+
+
 def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 'soft_argmax',
                       beta: float = 0.02, sigma: float = 5.):
   """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
@@ -169,6 +174,22 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 's
 # scored against the target instance it is closest to (mean error over the keypoints valid in both); with
 # one instance per image (SPair-71k, PF-PASCAL, PF-WILLOW) this is the standard protocol.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def train_loss(apply, batch, config):
+  """The training loss of a batch (source instance 0 is the one transferred) and its parts.
+
+  `apply(source_images, target_images)` runs the model with the parameters being trained.
+  """
+  size = config.input.image_size
+  src_kps, src_valid, trg_kps, valid, _ = instance_targets(batch)
+  scores = apply(batch['source']['image'], batch['target']['image'])
+  pred = predict_keypoints(scores, src_kps, src_valid, size,
+                           **transfer_kwargs(config.model))
+  transfer = keypoint_loss(pred, trg_kps, valid, size)
+  match = match_loss(scores, src_kps, src_valid, trg_kps, valid, size, config.model.beta)
+  loss = transfer + config.model.match_loss_weight * match
+  return loss, {'transfer_loss': transfer, 'match_loss': match}
 
 
 def instance_targets(batch):

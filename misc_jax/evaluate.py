@@ -1,0 +1,103 @@
+r"""Evaluates a run's checkpoint on any built dataset and split, with that benchmark's PCK protocol.
+
+  python -m misc_jax.evaluate --workdir runs/demo --dataset synthetic_misc/small_objects --split test
+  misc-jax-evaluate --workdir runs/kbcnet_pfpascal --dataset pf_willow --split test --checkpoint best
+
+Writes a JSON report (default: WORKDIR/eval/<dataset>_<split>_step<N>.json) and prints the per-category
+table. The threshold follows the dataset (REFERENCE.md section 4): the image size for PF-PASCAL, the target
+(instance) box otherwise; `--threshold` overrides it. The evaluator is the run's (`config.eval.evaluator`:
+`pck`, or `misc` for the dual-path model). `--kbc` adds KBC's second pass (KBCNet only).
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+import tensorflow as tf
+
+from misc_jax import train
+from tfds_builders import build
+
+
+# The PCK threshold of each benchmark (REFERENCE.md section 4); others use the target box.
+THRESHOLDS = {'pf_pascal': 'image'}
+
+
+def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = None,
+             split: str = 'test', data_dir: str | None = None, threshold: str | None = None,
+             kbc: bool | None = None) -> dict:
+  """The report of one checkpoint on one split: {'step', 'dataset', 'split', 'threshold', metrics...}."""
+  config = train.read_config(workdir)
+  config.dataset.name = dataset or config.dataset.name
+  config.dataset.data_dir = data_dir or config.dataset.data_dir
+  config.eval.threshold = threshold or THRESHOLDS.get(config.dataset.name.split('/')[0], 'bbox')
+  if kbc is not None:
+    config.kbc.eval = kbc
+  builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f'{config.dataset.name} is not built in {builder.data_dir}; build it with '
+                            f'python -m tfds_builders.build {config.dataset.name} --manual_dir ...')
+  if split not in builder.info.splits:
+    raise ValueError(f'{config.dataset.name} has no split {split!r}; it has {list(builder.info.splits)}')
+  config, model_module, state, step = train.load_run(workdir, checkpoint, config)
+  names = builder.info.features['category'].names
+  evaluator = train.evaluator_for(config, model_module, split, names)
+  metrics, _ = evaluator.evaluate(train.replicate(state))
+  return {'step': int(step), 'dataset': config.dataset.name, 'split': split,
+          'threshold': config.eval.threshold, 'kbc': bool(config.kbc.eval), **metrics}
+
+
+def category_table(report: dict) -> str:
+  """The per-category PCK as a Markdown table."""
+  rows = report.get('per_category', {})
+  if not rows:
+    return ''
+  keys = [k for k in next(iter(rows.values())) if k.startswith('pck')]
+  lines = ['| category | pairs | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 2) + '|']
+  for name, row in rows.items():
+    lines.append(f'| {name} | {row["num_pairs"]} | ' + ' | '.join(f'{100 * row[k]:.1f}' for k in keys) + ' |')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  """The command's flags (defined only when it runs: tests import this module)."""
+  flags.DEFINE_string('workdir', None, 'The run to evaluate (holds config.json and checkpoints).')
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
+  flags.DEFINE_string('dataset', None, 'A built TFDS dataset, e.g. pf_willow (default: the run\'s).')
+  flags.DEFINE_string('split', 'test', 'The split to evaluate.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: the run\'s).')
+  flags.DEFINE_enum('threshold', None, ['bbox', 'image'], 'PCK threshold (default: by dataset).')
+  flags.DEFINE_bool('kbc', None, 'KBC second pass at evaluation (default: the run\'s config.kbc.eval).')
+  flags.DEFINE_string('output', None, 'Report path (default: WORKDIR/eval/...).')
+  flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  tf.config.set_visible_devices([], 'GPU')
+  report = evaluate(f.workdir, checkpoint=f.checkpoint, dataset=f.dataset,
+                    split=f.split, data_dir=f.data_dir, threshold=f.threshold, kbc=f.kbc)
+  name = f'{report["dataset"].replace("/", "_")}_{report["split"]}_step{report["step"]}.json'
+  output = epath.Path(f.output or epath.Path(f.workdir) / 'eval' / name)
+  if jax.process_index() == 0:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    summary = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    print(json.dumps(summary, indent=2))
+    print(category_table(report))
+  logging.info('Wrote %s', output)
+
+
+def run():
+  """The misc-jax-evaluate console script."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

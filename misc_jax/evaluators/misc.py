@@ -1,0 +1,245 @@
+"""Multi-instance evaluator (MISC210K protocol, REFERENCE.md section 1; the official metric is not public).
+
+Co-segmentation, on both images of every pair: predicted instances are the queries whose objectness
+exceeds `config.eval.objectness_threshold`, with masks upsampled to the input. They are matched to the
+true instances by the Hungarian algorithm on IoU;
+- `miou`: mean over true instances of the IoU with the matched prediction (0 when unmatched);
+- `ap50`: average precision of the predicted instances at IoU 0.5 (COCO-style greedy matching by
+  objectness, all-point interpolation), pooled over the split.
+
+Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
+the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
+j's box. Per-pair PCK is averaged over instance pairs.
+- `pck_oracle@a`: the transfer is restricted to j's true mask (instances given);
+- `pck@a` (the real setting): restricted to the predicted instance matched to j; a j left unmatched
+  scores 0. A model without the co-segmentation path transfers without restriction.
+- `by_instances`: both, split by the number of instances in the target image (1, 2, 3+).
+"""
+
+import functools
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import scipy.optimize
+
+from misc_jax import input_pipeline
+from misc_jax.models import dual_path
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+BUCKETS = ('1', '2', '3+')
+
+
+def eval_step(state, batch, *, config):
+  """Device outputs of one batch: masks, objectness, and the keypoints transferred into every region."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  out = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
+  size = config.input.image_size
+  scores = out['scores']
+  grid = scores.shape[-1]
+  src_kps, src_valid, _, _ = dual_path.instance_pair_targets(batch)
+  transfer = functools.partial(dual_path.transfer_into, scores, src_kps=src_kps, src_valid=src_valid,
+                               size=size, model_config=config.model)
+  result = {'oracle': transfer(dual_path.grid_masks(batch['target']['masks'], grid))}  # [B, J, I, K, 2]
+  if 'mask_logits' in out:
+    logits = out['mask_logits']  # [2, B, Q, H, W]
+    result['queries'] = transfer(jax.nn.sigmoid(logits[1]))  # [B, Q, I, K, 2]
+    result['masks'] = jax.image.resize(logits, logits.shape[:3] + (size, size), 'linear') > 0
+    result['objectness'] = jax.nn.sigmoid(out['objectness'])  # [2, B, Q]
+  else:
+    result['queries'] = transfer(jnp.ones((scores.shape[0], 1, grid, grid)))  # [B, 1, I, K, 2]
+  return result
+
+
+def mask_iou(pred, gt):
+  """IoU of every predicted mask [P, H, W] with every true one [G, H, W] (bool) -> [P, G]."""
+  p = pred.reshape(pred.shape[0], int(np.prod(pred.shape[1:]))).astype(np.float64)
+  g = gt.reshape(gt.shape[0], int(np.prod(gt.shape[1:]))).astype(np.float64)
+  inter = p @ g.T
+  union = p.sum(1)[:, None] + g.sum(1)[None] - inter
+  return np.where(union > 0, inter / np.maximum(union, 1), 0.)
+
+
+def match_instances(iou):
+  """Hungarian matching on IoU [P, G] -> the prediction of each truth [G] (-1: none, or IoU 0)."""
+  out = np.full(iou.shape[1], -1)
+  if iou.size:
+    rows, cols = scipy.optimize.linear_sum_assignment(-iou)
+    keep = iou[rows, cols] > 0
+    out[cols[keep]] = rows[keep]
+  return out
+
+
+def greedy_true_positives(scores, iou, threshold=0.5):
+  """COCO-style: predictions in decreasing score each take the unclaimed truth of highest IoU >= threshold.
+  scores [P], iou [P, G] -> bool [P]."""
+  tp = np.zeros(len(scores), bool)
+  claimed = np.zeros(iou.shape[1], bool)
+  for p in np.argsort(-scores, kind='stable'):
+    candidates = np.where(claimed, -1., iou[p])
+    if candidates.size and candidates.max() >= threshold:
+      g = int(candidates.argmax())
+      claimed[g], tp[p] = True, True
+  return tp
+
+
+def average_precision(scores, tp, num_truths):
+  """All-point interpolated AP of detections (scores [N], tp [N]) against num_truths."""
+  if num_truths == 0:
+    return float('nan')
+  order = np.argsort(-scores, kind='stable')
+  hits = tp[order].astype(np.float64)
+  recall = np.cumsum(hits) / num_truths
+  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+  envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(hits) else precision
+  steps = np.diff(np.concatenate([[0.], recall]))
+  return float((steps * envelope).sum())
+
+
+def pair_pck(pred, gt, valid, bbox, alphas):
+  """PCK of one instance pair: pred, gt [K, 2], valid [K], bbox (x1, y1, x2, y2) -> [A]."""
+  threshold = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
+  dist = np.hypot(*(pred - gt).T)[valid]
+  return np.array([(dist <= a * threshold).mean() for a in alphas])
+
+
+def pair_records(batch, out, config):
+  """Host statistics of one flat batch (leaves [B, ...]) of valid pairs -> dict of fixed-shape arrays."""
+  alphas = np.asarray(config.eval.alphas)
+  b = len(batch['valid'])
+  q_max = out['queries'].shape[1]
+  rec = {
+      'pck': np.zeros((b, 2, len(BUCKETS), len(alphas))),  # [pair, oracle/predicted, bucket, alpha]
+      'pck_pairs': np.zeros((b, len(BUCKETS))),
+      'iou_sum': np.zeros(b), 'truths': np.zeros(b),
+      'scores': np.full((b, 2, q_max), -1.), 'tp': np.zeros((b, 2, q_max), bool),
+  }
+  for n in np.flatnonzero(batch['valid']):
+    src, trg = batch['source'], batch['target']
+    num_trg = int(trg['instance_valid'][n].sum())
+    bucket = min(num_trg, 3) - 1
+    # Without co-segmentation: the one unrestricted region; without true masks: the likeliest instance.
+    assigned = np.zeros(num_trg, int)
+    if 'masks' in out:
+      assigned[:] = np.argmax(out['objectness'][1, n])
+      for s, side in enumerate((src, trg)):
+        truths = side['masks'][n][side['instance_valid'][n]]
+        if not side['has_masks'][n]:
+          continue
+        keep = out['objectness'][s, n] > config.eval.objectness_threshold
+        preds = np.flatnonzero(keep & out['masks'][s, n].any((1, 2)))
+        iou = mask_iou(out['masks'][s, n][preds], truths)
+        match = match_instances(iou)
+        rec['iou_sum'][n] += sum(iou[m, g] for g, m in enumerate(match) if m >= 0)
+        rec['truths'][n] += len(truths)
+        rec['scores'][n, s, preds] = out['objectness'][s, n, preds]
+        rec['tp'][n, s, preds] = greedy_true_positives(out['objectness'][s, n, preds], iou)
+        if s == 1:
+          assigned = np.where(match >= 0, preds[np.maximum(match, 0)] if len(preds) else -1, -1)
+    for i in np.flatnonzero(src['instance_valid'][n]):
+      for j in range(num_trg):
+        valid = src['keypoint_valid'][n, i] & trg['keypoint_valid'][n, j]
+        if not valid.any():
+          continue
+        gt, bbox = trg['keypoints'][n, j], trg['bboxes'][n, j]
+        rec['pck'][n, 0, bucket] += pair_pck(out['oracle'][n, j, i], gt, valid, bbox, alphas)
+        if assigned[j] >= 0:
+          rec['pck'][n, 1, bucket] += pair_pck(out['queries'][n, assigned[j], i], gt, valid, bbox, alphas)
+        rec['pck_pairs'][n, bucket] += 1
+  return rec
+
+
+def summarize(records, config) -> dict:
+  """Split-level metrics from the concatenated pair records."""
+  alphas = config.eval.alphas
+  pck, pairs = records['pck'].sum(0), records['pck_pairs'].sum(0)  # [2, buckets, A], [buckets]
+  metrics = {'num_pairs': int((records['pck_pairs'].sum(1) > 0).sum()),
+             'num_instance_pairs': int(pairs.sum())}
+  for a, alpha in enumerate(alphas):
+    metrics[f'pck@{alpha:g}'] = float(pck[1, :, a].sum() / max(pairs.sum(), 1))
+    metrics[f'pck_oracle@{alpha:g}'] = float(pck[0, :, a].sum() / max(pairs.sum(), 1))
+  metrics['by_instances'] = {
+      bucket: {f'pck@{alpha:g}': float(pck[1, k, a] / pairs[k]) for a, alpha in enumerate(alphas)} |
+              {f'pck_oracle@{alpha:g}': float(pck[0, k, a] / pairs[k]) for a, alpha in enumerate(alphas)} |
+              {'num_instance_pairs': int(pairs[k])}
+      for k, bucket in enumerate(BUCKETS) if pairs[k] > 0}
+  truths = records['truths'].sum()
+  if truths:
+    metrics['miou'] = float(records['iou_sum'].sum() / truths)
+    scores, tp = records['scores'].reshape(-1), records['tp'].reshape(-1)
+    kept = scores >= 0
+    metrics['ap50'] = average_precision(scores[kept], tp[kept], int(truths))
+  return metrics
+
+
+class Evaluator:
+  """Runs `eval_step` over one split under pmap; `evaluate(p_state)` -> (metrics, first host batch)."""
+
+  def __init__(self, config, model_module, split: str, category_names):
+    del model_module, category_names  # the dual-path model; per-category tables are pck.py's
+    self.config, self.split = config, split
+    self._p_step = jax.pmap(functools.partial(eval_step, config=config), axis_name='batch')
+
+  def evaluate(self, p_state):
+    records, first = [], None
+    for batch in input_pipeline.eval_iterator(self.config, self.split):
+      out = jax.device_get(self._p_step(p_state, batch))
+      host = jax.device_get(batch)
+      flat = lambda tree: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in ('masks', 'objectness')
+                 else v.reshape((-1,) + v.shape[2:])) for k, v in out.items()}
+      records.append(pair_records(flat(host), out, self.config))
+      if first is None:
+        first = {'batch': flat(host), 'prediction': out}
+    records = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    if jax.process_count() > 1:  # every process evaluated its share of the split
+      records = {k: np.asarray(multihost_utils.process_allgather(v)).reshape((-1,) + v.shape[1:])
+                 for k, v in records.items()}
+    return summarize(records, self.config), first
+
+  def plot(self, first, path: str) -> None:
+    save_instances(first, path, alpha=self.config.eval.plot_alpha,
+                   threshold=self.config.eval.objectness_threshold)
+
+
+def save_instances(first, path: str, alpha: float = 0.1, threshold: float = 0.5) -> None:
+  """One multi-instance pair: predicted instance masks on both images, and source instance 0's keypoints
+  transferred into every predicted target instance (green: within alpha x box size of the truth of the
+  true instance it was matched to; red: not)."""
+  batch, out = first['batch'], first['prediction']
+  counts = batch['target']['instance_valid'].sum(1) * batch['valid']
+  n = int(np.argmax(counts))
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+  colours = plt.get_cmap('tab10')
+  for s, (ax, name) in enumerate(zip(axes, ('source', 'target'))):
+    ax.imshow(batch[name]['image'][n])
+    if 'masks' in out:
+      for q in np.flatnonzero(out['objectness'][s, n] > threshold):
+        overlay = np.zeros(out['masks'].shape[-2:] + (4,))
+        overlay[out['masks'][s, n, q]] = (*colours(q % 10)[:3], 0.35)
+        ax.imshow(overlay)
+    ax.set_title(f'{name}: predicted instances', fontsize=9)
+    ax.set_axis_off()
+  src = batch['source']
+  valid = src['keypoint_valid'][n, 0]
+  axes[0].scatter(*src['keypoints'][n, 0][valid].T, c='white', s=12, edgecolors='black')
+  trg = batch['target']
+  for j in np.flatnonzero(trg['instance_valid'][n]):
+    both = valid & trg['keypoint_valid'][n, j]
+    if 'masks' in out:  # into the predicted instance that overlaps true instance j most
+      overlap = [(out['masks'][1, n, q] & trg['masks'][n, j]).sum() if out['objectness'][1, n, q] >
+                 threshold else -1 for q in range(out['masks'].shape[2])]
+      pred = out['queries'][n, int(np.argmax(overlap)), 0]
+    else:
+      pred = out['queries'][n, 0, 0]
+    box = trg['bboxes'][n, j]
+    hit = np.hypot(*(pred - trg['keypoints'][n, j]).T) <= alpha * max(box[2] - box[0], box[3] - box[1])
+    axes[1].scatter(*pred[both].T, c=np.where(hit[both], 'lime', 'red'), s=12, edgecolors='black')
+  fig.suptitle(f'source instance 0 transferred into every target instance (PCK@{alpha:g})', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,274 @@
+"""The MISC dual-path model: instance co-segmentation and multi-instance correspondence, learnt together.
+
+MISC210K (Sun et al., CVPR 2023) names its baseline "dual-path collaborative learning" and publishes no
+code; this is our design (REFERENCE.md section 1):
+
+  images -> shared ResNet + CSFA (models/kbcnet.py) -> tokens of both images
+    correspondence path: multi-scale 4D correlation -> center-pivot decoder -> scores [B, Ha*Wa, Hb, Wb]
+    co-segmentation path: Q instance queries per image attend to the tokens of both images (so they look
+      for what the two images share) and give Q mask logits and Q objectness logits per image
+
+The paths exchange information, each exchange behind a config switch (for ablations):
+- `corr_to_mask`: correspondence evidence sharpens the masks: each cell's best and mean correlation with
+  the other image join the mask features (a cell that matches something there is likely the shared object).
+- `mask_volume`: masks restrict the 4D volume: the correlation entering the decoder is gated by the
+  predicted foreground (union of the instances) of both images.
+- always, when the co-segmentation path is on: a source instance's keypoints are transferred into one
+  target instance at a time, by restricting the transfer's softmax over the target cells to that instance's
+  mask (`restrict`): scores + beta * log(mask), i.e. the match probabilities times the mask.
+`coseg=False` removes the co-segmentation path: the model is KBCNet, trained to match the closest target
+instance, and cannot tell target instances apart.
+
+Losses (weights in config.model): masks at the feature grid, predicted instances matched to the true ones
+by the Hungarian algorithm on BCE + Dice cost (scipy on the host), BCE + Dice on matched pairs and BCE on
+objectness; keypoint transfer (EPE in image sides, plus the cross-entropy of KBCNet's `match_loss`) for
+every (true source instance, true target instance) pair, restricted to the predicted mask matched to the
+target instance, so that correspondence errors reach the mask path too.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from misc_jax.models import kbcnet
+from misc_jax.models import resnet
+from misc_jax.ops import conv4d
+from misc_jax.ops import correlation
+
+transfer_kwargs = kbcnet.transfer_kwargs
+_EPS = 1e-4  # the floor of a restricting mask: log(mask + _EPS)
+
+
+def from_config(model_config) -> 'DualPath':
+  c = model_config
+  return DualPath(tuple(c.stage_sizes), c.width, c.backbone_norm, c.csfa_dim, c.csfa_heads,
+                  tuple(c.decoder_features), tuple(c.decoder_kernels), tuple(c.decoder_strides),
+                  c.decoder_groups, c.feature_stride, c.dtype, c.num_queries, c.mask_dim, c.coseg,
+                  c.corr_to_mask, c.mask_volume)
+
+
+class DualPath(nn.Module):
+  """(source, target) uint8 [B, S, S, 3] -> {'scores' [B, H*W, H, W], and with the co-segmentation path
+  'mask_logits' [2, B, Q, H, W] and 'objectness' [2, B, Q] (index 0: source, 1: target)}, float32."""
+  stage_sizes: tuple[int, ...]
+  width: int
+  backbone_norm: str
+  csfa_dim: int
+  csfa_heads: int
+  decoder_features: tuple[int, ...]
+  decoder_kernels: tuple[int, ...]
+  decoder_strides: tuple[int, ...]
+  decoder_groups: int = 4
+  feature_stride: int = 8
+  dtype: str = 'float32'
+  num_queries: int = 6
+  mask_dim: int = 32
+  coseg: bool = True
+  corr_to_mask: bool = True
+  mask_volume: bool = True
+
+  @nn.compact
+  def __call__(self, source, target):
+    dtype = jnp.dtype(self.dtype)
+    b, size = source.shape[0], source.shape[1]
+    images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)
+    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, norm=self.backbone_norm,
+                          name='backbone')(images)
+    hw = (size // self.feature_stride,) * 2
+    tokens = kbcnet.CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
+        [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]
+    scales = tokens.shape[3]
+    corr = jnp.stack([correlation.correlation(tokens[:b, ..., s, :], tokens[b:, ..., s, :])
+                      for s in range(scales)], axis=-1)  # [B, H, W, H, W, S] float32
+    out = {}
+    if self.coseg:
+      mask_logits, objectness = self._coseg(tokens.reshape(2 * b, *hw, -1), corr)
+      out = {'mask_logits': mask_logits.reshape(2, b, *mask_logits.shape[1:]),
+             'objectness': objectness.reshape(2, b, -1)}
+      if self.mask_volume:
+        fg = foreground(out['mask_logits'], out['objectness'])  # [2, B, H, W]
+        corr = corr * fg[0][:, :, :, None, None, None] * fg[1][:, None, None, :, :, None]
+    decoded = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
+                                      self.decoder_groups, dtype, name='decoder')(corr)
+    refine = nn.Dense(1, dtype=dtype, name='refine_head')(decoded)[..., 0].astype(jnp.float32)
+    scores = nn.Dense(1, name='corr_head')(corr)[..., 0] + jax.image.resize(
+        refine, corr.shape[:5], 'linear')
+    out['scores'] = scores.reshape(b, hw[0] * hw[1], *hw)
+    return out
+
+  def _coseg(self, tokens, corr):
+    """tokens [2B, H, W, C], corr [B, H, W, H, W, S] -> mask logits [2B, Q, H, W], objectness [2B, Q]."""
+    dtype = jnp.dtype(self.dtype)
+    b2, h, w, _ = tokens.shape
+    feats = nn.Dense(self.mask_dim, dtype=dtype, name='mask_features')(tokens)
+    if self.corr_to_mask:
+      mean_corr = jax.lax.stop_gradient(corr.mean(-1))  # [B, H, W, H, W]
+      flat = mean_corr.reshape(b2 // 2, h * w, h * w)
+      evidence = [jnp.stack([flat.max(2), flat.mean(2)], -1),  # source cells: vs every target cell
+                  jnp.stack([flat.max(1), flat.mean(1)], -1)]  # target cells: vs every source cell
+      evidence = jnp.concatenate(evidence).reshape(b2, h, w, 2)
+      feats = feats + nn.Dense(self.mask_dim, dtype=dtype, name='evidence')(evidence)
+    feats = nn.gelu(feats).reshape(b2, h * w, self.mask_dim)
+    # The queries of an image see its own cells and its partner's (partner: the other half of the batch).
+    partner = jnp.roll(feats.reshape(2, b2 // 2, h * w, -1), 1, axis=0).reshape(feats.shape)
+    context = jnp.concatenate([feats, partner], axis=1)
+    queries = self.param('queries', nn.initializers.normal(1.), (self.num_queries, self.mask_dim))
+    q = jnp.broadcast_to(queries, (b2, *queries.shape)).astype(dtype)
+    for i in range(2):
+      q = q + nn.MultiHeadDotProductAttention(2, dtype=dtype, name=f'query_attention{i}')(
+          nn.LayerNorm(dtype=dtype)(q), context)
+      q = q + nn.Dense(self.mask_dim, dtype=dtype)(nn.gelu(nn.Dense(2 * self.mask_dim, dtype=dtype)(
+          nn.LayerNorm(dtype=dtype)(q))))
+    embed = nn.Dense(self.mask_dim, dtype=dtype, name='mask_embed')(q)
+    logits = jnp.einsum('bqc,bnc->bqn', embed, feats) / np.sqrt(self.mask_dim)
+    objectness = nn.Dense(1, dtype=dtype, name='objectness')(q)[..., 0]
+    return (logits.reshape(b2, -1, h, w).astype(jnp.float32), objectness.astype(jnp.float32))
+
+
+def foreground(mask_logits, objectness):
+  """Probability that a cell belongs to some instance: max over queries of mask x objectness."""
+  return (jax.nn.sigmoid(mask_logits) * jax.nn.sigmoid(objectness)[..., None, None]).max(-3)
+
+
+def restrict(scores, mask, beta: float):
+  """Scores [B, Ha*Wa, Hb, Wb] whose softmax (temperature beta) over the target cells is multiplied by
+  mask [B, Hb, Wb] in [0, 1]: the transfer can only land inside the mask."""
+  return scores + beta * jnp.log(mask + _EPS)[:, None]
+
+
+def grid_masks(masks, grid: int):
+  """Image masks [..., S, S] bool -> the fraction of each feature cell they cover [..., grid, grid]."""
+  s = masks.shape[-1]
+  f = s // grid
+  m = masks.astype(jnp.float32).reshape(*masks.shape[:-2], grid, f, grid, f)
+  return m.mean((-3, -1))
+
+
+def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config):
+  """Source keypoints of every instance [B, I, K, 2] (valid [B, I, K]) transferred into each target
+  region target_masks [B, J, Hb, Wb] -> [B, J, I, K, 2]."""
+  b, i, k, _ = src_kps.shape
+  kwargs = transfer_kwargs(model_config)
+
+  def one(mask):
+    pred = kbcnet.predict_keypoints(restrict(scores, mask, model_config.beta),
+                                    src_kps.reshape(b, i * k, 2), src_valid.reshape(b, i * k),
+                                    size, **kwargs)
+    return pred.reshape(b, i, k, 2)
+
+  return jax.vmap(one, in_axes=1, out_axes=1)(target_masks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matching and losses.
+# ----------------------------------------------------------------------------------------------------------
+
+def hungarian(cost, valid):
+  """Minimum-cost assignment of queries to ground-truth instances, on the host (scipy).
+
+  cost [B, Q, G], valid [B, G] -> the query of each ground truth [B, G] int32 (-1 where not valid).
+  Needs Q >= the number of valid ground truths.
+  """
+  def host(cost, valid):
+    cost, valid = np.asarray(cost), np.asarray(valid)
+    out = np.full(valid.shape, -1, np.int32)
+    for n in np.ndindex(valid.shape[:-1]):
+      cols = np.flatnonzero(valid[n])
+      if cols.size:
+        rows, picked = scipy.optimize.linear_sum_assignment(cost[n][:, cols])
+        out[n][cols[picked]] = rows
+    return out
+
+  return jax.pure_callback(host, jax.ShapeDtypeStruct(valid.shape, jnp.int32), cost, valid,
+                           vmap_method='sequential')
+
+
+def _mask_costs(logits, gt):
+  """Per-cell-mean BCE and Dice loss of every query [B, Q, H, W] against every truth [B, G, H, W]
+  (soft, in [0, 1]) -> [B, Q, G] each."""
+  p = jax.nn.sigmoid(logits).reshape(*logits.shape[:2], -1)
+  t = gt.reshape(*gt.shape[:2], -1)
+  log_p = jax.nn.log_sigmoid(logits).reshape(p.shape)
+  log_not_p = jax.nn.log_sigmoid(-logits).reshape(p.shape)
+  bce = -(jnp.einsum('bqn,bgn->bqg', log_p, t) + jnp.einsum('bqn,bgn->bqg', log_not_p, 1 - t)) / t.shape[-1]
+  dice = 1 - (2 * jnp.einsum('bqn,bgn->bqg', p, t) + 1) / (p.sum(-1)[..., None] + t.sum(-1)[:, None] + 1)
+  return bce, dice
+
+
+def mask_loss(logits, objectness, gt, gt_valid):
+  """Hungarian-matched mask loss of one image side.
+
+  logits [B, Q, H, W], objectness [B, Q], gt [B, G, H, W] (cell fractions), gt_valid [B, G] ->
+  (loss per pair [B], the query matched to each truth [B, G]).
+  """
+  bce, dice = _mask_costs(logits, gt)
+  match = hungarian(jax.lax.stop_gradient(bce + dice), gt_valid)
+  take = lambda cost: jnp.take_along_axis(cost, jnp.maximum(match, 0)[:, None], 1)[:, 0]  # [B, G]
+  count = jnp.maximum(gt_valid.sum(-1), 1)
+  matched = ((take(bce) + take(dice)) * gt_valid).sum(-1) / count
+  is_object = jnp.zeros_like(objectness).at[jnp.arange(gt.shape[0])[:, None], jnp.maximum(match, 0)].max(
+      gt_valid.astype(objectness.dtype))
+  obj = jnp.mean(jnp.maximum(objectness, 0) - objectness * is_object + jnp.log1p(jnp.exp(
+      -jnp.abs(objectness))), -1)
+  return matched + obj, match
+
+
+def instance_pair_targets(batch):
+  """Source keypoints [B, I, K, 2] and mask [B, I, K]; target keypoints [B, J, K, 2]; valid[B, I, J, K]
+  where a keypoint is labelled in source instance i and target instance j."""
+  src, trg = batch['source'], batch['target']
+  src_valid = src['keypoint_valid'] & src['instance_valid'][..., None]
+  trg_valid = trg['keypoint_valid'] & trg['instance_valid'][..., None]
+  return src['keypoints'], src_valid, trg['keypoints'], src_valid[:, :, None] & trg_valid[:, None]
+
+
+def pair_losses(scores, target_masks, batch, size, model_config):
+  """EPE and match cross-entropy of every (source instance, target instance) pair, the transfer
+  restricted to target_masks [B, J, Hb, Wb]; averaged over pairs with a valid keypoint, then the batch."""
+  src_kps, src_valid, trg_kps, valid = instance_pair_targets(batch)
+  pred = transfer_into(scores, target_masks, src_kps, src_valid, size, model_config)  # [B, J, I, K, 2]
+  pred = pred.transpose(0, 2, 1, 3, 4)  # [B, I, J, K, 2]
+  dist = jnp.sqrt(jnp.sum(((pred - trg_kps[:, None]) / size)**2, -1) + 1e-12)
+  count = valid.sum(-1)  # [B, I, J]
+  pairs = count > 0
+  epe = jnp.where(pairs, (dist * valid).sum(-1) / jnp.maximum(count, 1), 0.)
+
+  def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
+    b, i, k, _ = src_kps.shape
+    return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
+        restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None], size,
+        model_config.beta), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
+
+  ce = jax.vmap(match_ce, in_axes=(1, 1, 2))(target_masks, trg_kps, valid)  # [J, I]
+  num_pairs = jnp.maximum(pairs.sum((1, 2)), 1)
+  epe = (epe.sum((1, 2)) / num_pairs).mean()
+  # kbcnet.match_loss averages over the batch already; ce is a mean over pairs with any valid keypoint.
+  ce = ce.sum() / jnp.maximum(pairs.any(0).sum(), 1)
+  return epe, ce
+
+
+def train_loss(apply, batch, config):
+  """The dual-path training loss and its parts (see the module docstring)."""
+  model_config, size = config.model, config.input.image_size
+  out = apply(batch['source']['image'], batch['target']['image'])
+  scores = out['scores']
+  if not model_config.coseg:  # KBCNet: source instance 0 against the closest target instance
+    return kbcnet.train_loss(lambda *_: scores, batch, config)
+  grid = scores.shape[-1]
+  mask_terms, matches = [], []
+  for s, name in enumerate(('source', 'target')):
+    side = batch[name]
+    has = side['has_masks'].astype(jnp.float32)
+    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s], grid_masks(side['masks'], grid),
+                            side['instance_valid'] & side['has_masks'][:, None])
+    mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
+    matches.append(match)
+  # Each true target instance's region: the probability map of the query matched to it.
+  probs = jax.nn.sigmoid(out['mask_logits'][1])  # [B, Q, H, W]
+  regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, H, W]
+  epe, ce = pair_losses(scores, regions, batch, size, model_config)
+  masks = sum(mask_terms) / 2
+  loss = epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
+  return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks}

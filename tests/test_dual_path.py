@@ -1,0 +1,166 @@
+"""The MISC dual-path model: Hungarian matching, mask IoU, the multi-instance evaluator, training."""
+
+import functools
+import itertools
+
+from configs import misc210k_dualpath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from misc_jax import input_pipeline
+from misc_jax import train
+from misc_jax.evaluators import misc
+from misc_jax.models import dual_path
+
+
+def _brute_force_assignment(cost, valid):
+  """The cheapest injective map from valid truths to queries, by trying every permutation."""
+  cols = np.flatnonzero(valid)
+  best = min(itertools.permutations(range(cost.shape[0]), len(cols)),
+             key=lambda rows: cost[list(rows), cols].sum())
+  return cost[list(best), cols].sum()
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_hungarian_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  cost = rng.random((3, 5, 4)).astype(np.float32)  # 3 pairs, 5 queries, 4 truths
+  valid = rng.random((3, 4)) < 0.7
+  valid[0] = False  # a pair with no truth
+  match = np.asarray(jax.jit(dual_path.hungarian)(cost, valid))
+  for b in range(3):
+    assert (match[b][~valid[b]] == -1).all()
+    picked = match[b][valid[b]]
+    assert len(set(picked)) == len(picked) and (picked >= 0).all()
+    got = cost[b][picked, np.flatnonzero(valid[b])].sum()
+    np.testing.assert_allclose(got, _brute_force_assignment(cost[b], valid[b]), rtol=1e-6)
+
+
+def test_mask_iou_and_instance_matching_against_numpy():
+  rng = np.random.default_rng(0)
+  pred, gt = rng.random((3, 9, 7)) < 0.4, rng.random((2, 9, 7)) < 0.4
+  iou = misc.mask_iou(pred, gt)
+  for p, g in itertools.product(range(3), range(2)):
+    inter, union = np.logical_and(pred[p], gt[g]).sum(), np.logical_or(pred[p], gt[g]).sum()
+    assert iou[p, g] == pytest.approx(inter / union)
+  best = max(itertools.permutations(range(3), 2), key=lambda rows: iou[list(rows), [0, 1]].sum())
+  np.testing.assert_array_equal(misc.match_instances(iou), best)
+  assert misc.mask_iou(pred[:0], gt).shape == (0, 2)
+
+
+def _rect(rows, cols, size=8):
+  m = np.zeros((size, size), bool)
+  m[rows[0]:rows[1], cols[0]:cols[1]] = True
+  return m
+
+
+def test_misc_evaluator_on_a_two_instance_pair():
+  """One pair: one source instance, two target instances; every number below is worked out by hand."""
+  kps = lambda *points: np.array(points, np.float32)
+  side = lambda masks, keypoints, valid, boxes: {
+      'masks': np.array(masks)[None], 'instance_valid': np.array([True] * len(masks))[None],
+      'has_masks': np.array([True]), 'keypoints': np.array(keypoints)[None],
+      'keypoint_valid': np.array(valid)[None], 'bboxes': np.array(boxes, np.float32)[None]}
+  a, b = _rect((0, 4), (0, 4)), _rect((4, 8), (4, 8))  # the two target instances, 16 pixels each
+  batch = {
+      'valid': np.array([True]),
+      'source': side([_rect((2, 6), (2, 6))], [kps([1, 1], [2, 2], [3, 3])], [[True, True, False]],
+                     [[0, 0, 4, 4]]),
+      'target': side([a, b], [kps([1, 1], [2, 2], [3, 3]), kps([5, 5], [6, 6], [7, 7])],
+                     [[True, True, True], [True, True, False]], [[0, 0, 4, 4], [4, 4, 8, 8]]),
+  }
+  # Predictions: query 0 = instance b exactly; query 1 = instance a's left half (IoU 0.5); query 2 is below
+  # the objectness threshold. The source: query 0 = its mask; query 1 a stray 4-pixel blob (IoU 0).
+  masks = np.zeros((2, 1, 3, 8, 8), bool)
+  masks[1, 0, 0], masks[1, 0, 1], masks[1, 0, 2] = b, _rect((0, 4), (0, 2)), a
+  masks[0, 0, 0], masks[0, 0, 1] = batch['source']['masks'][0, 0], _rect((6, 8), (0, 2))
+  objectness = np.array([[[0.9, 0.3, 0.1]], [[0.9, 0.8, 0.2]]])  # [side, pair, query]
+  # Oracle transfer: into a (j = 0) exact; into b (j = 1) keypoint 0 exact, keypoint 1 off by 0.5 px.
+  oracle = np.zeros((1, 2, 1, 3, 2), np.float32)
+  oracle[0, 0, 0] = [[1, 1], [2, 2], [0, 0]]
+  oracle[0, 1, 0] = [[5, 5], [6.5, 6], [0, 0]]
+  # Predicted instances: query 0 (matched to b) exact; query 1 (matched to a) off by 0.3 and 0.7 px.
+  queries = np.zeros((1, 3, 1, 3, 2), np.float32)
+  queries[0, 0, 0] = [[5, 5], [6, 6], [0, 0]]
+  queries[0, 1, 0] = [[1.3, 1], [2, 2.7], [0, 0]]
+  out = {'masks': masks, 'objectness': objectness, 'oracle': oracle, 'queries': queries}
+  config = misc210k_dualpath.get_config('smoke')
+  config.eval.alphas = (0.05, 0.1, 0.15)  # thresholds: 0.2, 0.4, 0.6 px (boxes are 4 px wide)
+  metrics = misc.summarize(misc.pair_records(batch, out, config), config)
+
+  assert metrics['num_pairs'] == 1 and metrics['num_instance_pairs'] == 2
+  # Oracle: pair (0, a) 2/2 at every alpha; pair (0, b) 1/2, 1/2, 2/2.
+  assert metrics['pck_oracle@0.05'] == pytest.approx((1 + 0.5) / 2)
+  assert metrics['pck_oracle@0.1'] == pytest.approx((1 + 0.5) / 2)
+  assert metrics['pck_oracle@0.15'] == pytest.approx((1 + 1) / 2)
+  # Predicted: (0, a) through query 1: 0/2, 1/2, 1/2; (0, b) through query 0: 2/2.
+  assert metrics['pck@0.05'] == pytest.approx((0 + 1) / 2)
+  assert metrics['pck@0.1'] == pytest.approx((0.5 + 1) / 2)
+  assert metrics['pck@0.15'] == pytest.approx((0.5 + 1) / 2)
+  assert metrics['by_instances']['2']['num_instance_pairs'] == 2 and '1' not in metrics['by_instances']
+  # Masks: source IoU 1; target a 0.5, b 1 -> mIoU over 3 truths.
+  assert metrics['miou'] == pytest.approx((1 + 0.5 + 1) / 3)
+  # AP@0.5 over 3 truths: detections by score 0.9 (TP), 0.9 (TP), 0.8 (TP at IoU 0.5); the source's
+  # stray blob (0.3) is below the threshold. Precision 1 up to recall 1.
+  assert metrics['ap50'] == pytest.approx(1.0)
+
+
+def test_average_precision_by_hand():
+  # Ranked: TP, FP, TP over 3 truths: precision 1, 1/2, 2/3 at recall 1/3, 1/3, 2/3;
+  # the envelope gives 1 x 1/3 + 2/3 x 1/3.
+  ap = misc.average_precision(np.array([0.9, 0.8, 0.7]), np.array([True, False, True]), 3)
+  assert ap == pytest.approx(1 / 3 + 2 / 9)
+
+
+def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config, tmp_path):
+  config = misc210k_dualpath.get_config('smoke')
+  config.dataset.data_dir = smoke_config.dataset.data_dir
+  config.total_steps = 20
+  config.optim.warmup_steps = 1
+  config.optim.lr = config.optim.backbone_lr = 3e-3
+  config.input.augment.photometric = False
+  batch = next(input_pipeline.train_iterator(config))  # one batch, seen again and again
+  model_module, model = train.create_model(config)
+  state = train.replicate(train.initial_state(config, model))
+  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
+  step = jax.pmap(functools.partial(_step, model_module=model_module, config=config), axis_name='batch')
+  history = []
+  for _ in range(config.total_steps):
+    state, metrics = step(state, batch, rng)
+    history.append({k: float(v[0]) for k, v in metrics.items()})
+  first, last = history[0], history[-1]
+  assert last['mask_loss'] < 0.85 * first['mask_loss'], history
+  assert last['transfer_loss'] < 0.8 * first['transfer_loss'], history
+
+  evaluator = misc.Evaluator(config, model_module, 'validation', None)
+  metrics, first_batch = evaluator.evaluate(state)
+  assert metrics['num_pairs'] == 3  # synthetic_misc/tiny validation
+  for key in ('pck@0.1', 'pck_oracle@0.1', 'miou', 'ap50'):
+    assert 0 <= metrics[key] <= 1, (key, metrics)
+  evaluator.plot(first_batch, str(tmp_path / 'pair.png'))
+  assert (tmp_path / 'pair.png').stat().st_size > 10_000
+
+
+def _step(state, batch, rng, *, model_module, config):
+  return train.train_step(state, batch, jax.random.wrap_key_data(rng), model_module=model_module,
+                          config=config)
+
+
+@pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask'])
+def test_each_ablation_switch_changes_the_model(switch):
+  config = misc210k_dualpath.get_config('smoke')
+  image = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+  model = dual_path.from_config(config.model)
+  config.model[switch] = False
+  ablated = dual_path.from_config(config.model)
+  count = lambda m: sum(x.size for x in jax.tree.leaves(
+      jax.eval_shape(m.init, jax.random.key(0), image, image)['params']))
+  if switch == 'mask_volume':  # same parameters, different wiring: the scores differ
+    params = jax.jit(model.init)(jax.random.key(0), image, image)
+    source, target = image + 100, image.at[:, 8:24, 8:24].set(200)
+    full = jax.jit(model.apply)(params, source, target)['scores']
+    assert not np.allclose(full, jax.jit(ablated.apply)(params, source, target)['scores'])
+  else:
+    assert count(ablated) < count(model)
