@@ -36,12 +36,7 @@ SMOKE_OVERRIDES = {'total_steps': SMOKE_STEPS, 'log_every_steps': 1, 'checkpoint
 def configure(config, **overrides):
   """Sets dotted config fields: SMOKE_OVERRIDES, then `overrides`."""
   with config.unlocked():
-    for key, value in {**SMOKE_OVERRIDES, **overrides}.items():
-      *path, leaf = key.split('.')
-      node = config
-      for name in path:
-        node = node[name]
-      node[leaf] = value
+    config.update_from_flattened_dict({**SMOKE_OVERRIDES, **overrides})
   return config
 
 

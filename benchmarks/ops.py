@@ -88,7 +88,7 @@ def main():
   machine = f'{device.device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {platform.processor()}'
   peak = matmul_gflops()
   print(f'# {machine}; jax {jax.__version__}; float32 matmul 2048^3: {peak:.1f} GFLOP/s\n')
-  print(f'| op | pass | size | median ms | GFLOP | GFLOP/s | / matmul |')
+  print('| op | pass | size | median ms | GFLOP | GFLOP/s | / matmul |')
   print('|---|---|---|---|---|---|---|')
   rows = []
   for size in sizes:

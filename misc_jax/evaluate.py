@@ -4,11 +4,13 @@ r"""Evaluates a run's checkpoint on any built dataset and split, with that bench
   misc-jax-evaluate --workdir runs/kbcnet_pfpascal --dataset pf_willow --split test --checkpoint best
 
 Writes a JSON report (default: WORKDIR/eval/<dataset>_<split>_step<N>.json) and prints the per-category
-table. The threshold follows the dataset (REFERENCE.md section 4): the image size for PF-PASCAL, the target
+table; `--plot PNG` draws the first batch, `--set FIELD=VALUE` overrides a field of the run's config.
+The threshold follows the dataset (REFERENCE.md section 4): the image size for PF-PASCAL, the target
 (instance) box otherwise; `--threshold` overrides it. The evaluator is the run's (`config.eval.evaluator`:
 `pck`, or `misc` for the dual-path model). `--kbc` adds KBC's second pass (KBCNet only).
 """
 
+import ast
 import json
 
 from absl import app
@@ -28,9 +30,14 @@ THRESHOLDS = {'pf_pascal': 'image'}
 
 def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = None,
              split: str = 'test', data_dir: str | None = None, threshold: str | None = None,
-             kbc: bool | None = None) -> dict:
-  """The report of one checkpoint on one split: {'step', 'dataset', 'split', 'threshold', metrics...}."""
+             kbc: bool | None = None, overrides: dict | None = None, plot: str | None = None) -> dict:
+  """The report of one checkpoint on one split: {'step', 'dataset', 'split', 'threshold', metrics...}.
+
+  `overrides` sets dotted config fields ({'eval.objectness_threshold': 0.4}); `plot` writes the
+  evaluator's picture of the first batch there.
+  """
   config = train.read_config(workdir)
+  config.update_from_flattened_dict(overrides or {})
   config.dataset.name = dataset or config.dataset.name
   config.dataset.data_dir = data_dir or config.dataset.data_dir
   config.eval.threshold = threshold or THRESHOLDS.get(config.dataset.name.split('/')[0], 'bbox')
@@ -45,7 +52,9 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
   config, model_module, state, step = train.load_run(workdir, checkpoint, config)
   names = builder.info.features['category'].names
   evaluator = train.evaluator_for(config, model_module, split, names)
-  metrics, _ = evaluator.evaluate(train.replicate(state))
+  metrics, first = evaluator.evaluate(train.replicate(state))
+  if plot:
+    evaluator.plot(first, plot)
   return {'step': int(step), 'dataset': config.dataset.name, 'split': split,
           'threshold': config.eval.threshold, 'kbc': bool(config.kbc.eval), **metrics}
 
@@ -72,7 +81,21 @@ def _define_flags():
   flags.DEFINE_enum('threshold', None, ['bbox', 'image'], 'PCK threshold (default: by dataset).')
   flags.DEFINE_bool('kbc', None, 'KBC second pass at evaluation (default: the run\'s config.kbc.eval).')
   flags.DEFINE_string('output', None, 'Report path (default: WORKDIR/eval/...).')
+  flags.DEFINE_string('plot', None, 'Also draw the first batch\'s predictions to this PNG.')
+  flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: override a config field, e.g. '
+                            'eval.objectness_threshold=0.4 or kbc.max_scale=3.')
   flags.mark_flags_as_required(['workdir'])
+
+
+def parse_override(item: str):
+  """'eval.objectness_threshold=0.4' -> ('eval.objectness_threshold', 0.4); non-literals stay strings."""
+  key, sep, value = item.partition('=')
+  if not sep:
+    raise app.UsageError(f'--set {item!r}: expected FIELD=VALUE')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
 
 
 def main(argv):
@@ -80,8 +103,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   tf.config.set_visible_devices([], 'GPU')
-  report = evaluate(f.workdir, checkpoint=f.checkpoint, dataset=f.dataset,
-                    split=f.split, data_dir=f.data_dir, threshold=f.threshold, kbc=f.kbc)
+  overrides = dict(parse_override(item) for item in f.set)
+  report = evaluate(f.workdir, checkpoint=f.checkpoint, dataset=f.dataset, split=f.split,
+                    data_dir=f.data_dir, threshold=f.threshold, kbc=f.kbc, overrides=overrides,
+                    plot=f.plot)
   name = f'{report["dataset"].replace("/", "_")}_{report["split"]}_step{report["step"]}.json'
   output = epath.Path(f.output or epath.Path(f.workdir) / 'eval' / name)
   if jax.process_index() == 0:

@@ -92,7 +92,6 @@ def initial_state(config, model) -> optim.TrainState:
 
 def train_step(state, batch, rng, *, model_module, config):
   """One pmapped AdamW step; gradients and metrics are averaged over all devices of all processes."""
-  size = config.input.image_size
   # A random annotated source instance per pair, keyed by the pair's position in the global batch, so
   # the draw does not depend on how the batch is split over devices.
   b = batch['valid'].shape[0]

@@ -18,14 +18,21 @@ def run_dir(trained_run):
   return trained_run[0]
 
 
-def test_evaluate_reproduces_the_in_training_evaluation(run_dir, tiny_data_dir):
+def test_evaluate_reproduces_the_in_training_evaluation(run_dir, tiny_data_dir, tmp_path):
   in_training = json.loads((run_dir / 'eval' / 'validation_00000006.json').read_text())
-  report = evaluate.evaluate(str(run_dir), split='validation', data_dir=tiny_data_dir)
+  report = evaluate.evaluate(str(run_dir), split='validation', data_dir=tiny_data_dir,
+                             overrides={'eval.plot_alpha': 0.15}, plot=str(tmp_path / 'first.png'))
+  assert (tmp_path / 'first.png').stat().st_size > 10_000
   assert report['step'] == 6 and report['threshold'] == 'bbox'
   for key in ('pck@0.05', 'pck@0.1', 'pck@0.15', 'pck_keypoint@0.1', 'num_pairs'):
     assert report[key] == pytest.approx(in_training[key], abs=1e-9), key
   assert report['per_category'] == in_training['per_category']
   assert '| category | pairs |' in evaluate.category_table(report)
+
+
+def test_config_overrides_parse_literals():
+  assert evaluate.parse_override('eval.alphas=(0.1, 0.2)') == ('eval.alphas', (0.1, 0.2))
+  assert evaluate.parse_override('dataset.name=pf_willow') == ('dataset.name', 'pf_willow')
 
 
 def test_evaluate_names_what_is_missing(run_dir, tiny_data_dir, tmp_path):

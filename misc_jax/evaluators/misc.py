@@ -219,9 +219,12 @@ def save_instances(first, path: str, alpha: float = 0.1, threshold: float = 0.5)
     ax.imshow(batch[name]['image'][n])
     if 'masks' in out:
       for q in np.flatnonzero(out['objectness'][s, n] > threshold):
-        overlay = np.zeros(out['masks'].shape[-2:] + (4,))
-        overlay[out['masks'][s, n, q]] = (*colours(q % 10)[:3], 0.35)
+        mask = out['masks'][s, n, q]
+        overlay = np.zeros(mask.shape + (4,))
+        overlay[mask] = (*colours(q % 10)[:3], 0.45)
         ax.imshow(overlay)
+        if mask.any():
+          ax.contour(mask, levels=[0.5], colors=[colours(q % 10)], linewidths=1.2)
     ax.set_title(f'{name}: predicted instances', fontsize=9)
     ax.set_axis_off()
   src = batch['source']
