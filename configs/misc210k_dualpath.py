@@ -12,11 +12,11 @@ r"""The MISC dual-path model (co-segmentation + multi-instance correspondence) o
 """
 
 from configs import common
-from misc_jax.models import kbcnet
+from configs import synthetic
 
 
-def get_config(arg: str | None = None):
-  config = common.kbcnet_config('kbcnet_r101', 'misc210k', image_size=384)
+def _dual_path(config):
+  """A KBCNet config -> the dual-path model on the same trunk, with the multi-instance evaluator."""
   config.model.name = 'dual_path'
   del config.model['decoder_chunk_rows']  # the dual path decodes the whole volume
   config.model.num_queries = 12      # instance queries per image; >= config.input.max_instances
@@ -25,6 +25,21 @@ def get_config(arg: str | None = None):
   config.model.corr_to_mask = True   # correspondence evidence feeds the mask path
   config.model.mask_volume = True    # predicted foreground gates the 4D correlation
   config.model.mask_loss_weight = 1.0
+  config.eval.evaluator = 'misc'
+  config.eval.objectness_threshold = 0.5
+  config.eval.threshold = 'bbox'      # the target instance's box
+  return config
+
+
+def get_config(arg: str | None = None):
+  if arg in ('synthetic', 'smoke'):  # KBCNet-tiny's synthetic settings (configs/synthetic.py)
+    config = _dual_path(synthetic.get_config('smoke' if arg == 'smoke' else None))
+    config.model.num_queries = 6
+    config.model.mask_dim = 32
+    return config
+  if arg:
+    raise ValueError(f'unknown config argument {arg!r}; expected "synthetic", "smoke" or nothing')
+  config = _dual_path(common.kbcnet_config('kbcnet_r101', 'misc210k', image_size=384))
   config.model.feature_stride = 16   # a 24 x 24 grid at 384 px
   config.model.freeze_stages = 2
   config.batch_size = 16
@@ -34,41 +49,4 @@ def get_config(arg: str | None = None):
   config.dataset.eval_split = 'test'  # MISC210K has train and test only (a split file can add more)
   config.input.max_instances = 8
   config.input.max_keypoints = 52
-  config.eval.evaluator = 'misc'
-  config.eval.objectness_threshold = 0.5
-  config.eval.threshold = 'bbox'      # the target instance's box
-
-  if arg in ('synthetic', 'smoke'):
-    config.model.update(variant='kbcnet_tiny', **kbcnet.decode_variant('kbcnet_tiny'))
-    config.model.num_queries = 6
-    config.model.mask_dim = 32
-    config.model.feature_stride = 8
-    config.model.freeze_stages = 0
-    config.dataset.name = 'synthetic_misc/default'
-    config.dataset.eval_split = 'validation'
-    config.input.image_size = 128
-    config.input.max_instances = 4
-    config.input.max_keypoints = 12
-    config.input.shuffle_buffer = 512
-    config.batch_size = 16
-    config.total_steps = 600
-    config.log_every_steps = 25
-    config.eval_every_steps = 300
-    config.checkpoint_every_steps = 250
-    config.optim.lr = 2e-3
-    config.optim.backbone_lr = 2e-3
-    config.optim.warmup_steps = 100
-  if arg == 'smoke':
-    config.dataset.name = 'synthetic_misc/tiny'
-    config.batch_size = 8
-    config.total_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 4
-    config.checkpoint_every_steps = 2
-    config.input.image_size = 64
-    config.input.max_instances = 3
-    config.input.shuffle_buffer = 8
-    config.optim.warmup_steps = 2
-  elif arg not in (None, 'synthetic'):
-    raise ValueError(f'unknown config argument {arg!r}; expected "synthetic", "smoke" or nothing')
   return config

@@ -33,7 +33,6 @@ import numpy as np
 import scipy.optimize
 
 from misc_jax.models import kbcnet
-from misc_jax.models import resnet
 from misc_jax.ops import conv4d
 from misc_jax.ops import correlation
 
@@ -72,14 +71,9 @@ class DualPath(nn.Module):
   @nn.compact
   def __call__(self, source, target):
     dtype = jnp.dtype(self.dtype)
-    b, size = source.shape[0], source.shape[1]
-    images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)
-    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, norm=self.backbone_norm,
-                          name='backbone')(images)
-    hw = (size // self.feature_stride,) * 2
-    tokens = kbcnet.CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
-        [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]
-    scales = tokens.shape[3]
+    b = source.shape[0]
+    tokens = kbcnet.encode(self, source, target)  # [2B, H, W, S, dim]
+    hw, scales = tokens.shape[1:3], tokens.shape[3]
     corr = jnp.stack([correlation.correlation(tokens[:b, ..., s, :], tokens[b:, ..., s, :])
                       for s in range(scales)], axis=-1)  # [B, H, W, H, W, S] float32
     out = {}

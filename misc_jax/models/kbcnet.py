@@ -97,13 +97,9 @@ class KBCNet(nn.Module):
   @nn.compact
   def __call__(self, source, target):
     dtype = jnp.dtype(self.dtype)
-    b, size = source.shape[0], source.shape[1]
-    images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
-    feats = resnet.ResNet(self.stage_sizes, width=self.width, dtype=dtype, norm=self.backbone_norm,
-                          name='backbone')(images)
-    hw = (size // self.feature_stride,) * 2
-    tokens = CSFA(self.csfa_dim, self.csfa_heads, dtype=dtype, name='csfa')(
-        [feats['layer2'], feats['layer3'], feats['layer4']], hw)  # [2B, H, W, S, dim]
+    b = source.shape[0]
+    tokens = encode(self, source, target)  # [2B, H, W, S, dim]
+    hw = tokens.shape[1:3]
     src, trg = tokens[:b], tokens[b:]
     decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels,
                                       self.decoder_strides, self.decoder_groups, dtype, name='decoder')
@@ -133,6 +129,19 @@ class KBCNet(nn.Module):
       heads = {name: nn.Dense(1, dtype=d, name=name) for name, d in head_dtypes.items()}
       out = scores(decoder(corr), corr, **heads)
     return out.reshape(b, hw[0] * hw[1], *hw)
+
+
+def encode(model, source, target):
+  """The trunk that KBCNet and the dual-path model share, called inside `model`'s compact __call__
+  (its submodules 'backbone' and 'csfa' belong to `model`): (source, target) uint8 [B, S, S, 3] -> CSFA
+  tokens [2B, S / feature_stride, S / feature_stride, 3 scales, csfa_dim], source images first."""
+  dtype = jnp.dtype(model.dtype)
+  images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
+  feats = resnet.ResNet(model.stage_sizes, width=model.width, dtype=dtype, norm=model.backbone_norm,
+                        name='backbone')(images)
+  hw = (source.shape[1] // model.feature_stride,) * 2
+  return CSFA(model.csfa_dim, model.csfa_heads, dtype=dtype, name='csfa')(
+      [feats['layer2'], feats['layer3'], feats['layer4']], hw)
 
 
 def _volume(scores):
