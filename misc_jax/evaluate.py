@@ -3,11 +3,12 @@ r"""Evaluates a run's checkpoint on any built dataset and split, with that bench
   python -m misc_jax.evaluate --workdir runs/demo --dataset synthetic_misc/small_objects --split test
   misc-jax-evaluate --workdir runs/kbcnet_pfpascal --dataset pf_willow --split test --checkpoint best
 
-Writes a JSON report (default: WORKDIR/eval/<dataset>_<split>_step<N>.json) and prints the per-category
-table; `--plot PNG` draws the first batch, `--set FIELD=VALUE` overrides a field of the run's config.
-The threshold follows the dataset (REFERENCE.md section 4): the image size for PF-PASCAL, the target
-(instance) box otherwise; `--threshold` overrides it. The evaluator is the run's (`config.eval.evaluator`:
-`pck`, or `misc` for the dual-path model). `--kbc` adds KBC's second pass (KBCNet only).
+Writes a JSON report (default: WORKDIR/eval/<dataset>_<split>_step<N>.json) and the per-category table
+(the same name, .md), and prints both; `--plot PNG` draws the first batch, `--set FIELD=VALUE` overrides
+a field of the run's config. The threshold follows the dataset (REFERENCE.md section 4): the image size
+for PF-PASCAL, the target (instance) box otherwise; `--threshold` overrides it. The evaluator is the
+run's (`config.eval.evaluator`: `pck`, or `misc` for the dual-path model). `--kbc` adds KBC's second
+pass (KBCNet only).
 """
 
 import ast
@@ -112,10 +113,13 @@ def main(argv):
   if jax.process_index() == 0:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
+    table = category_table(report)
+    if table:
+      output.with_suffix('.md').write_text(table + '\n')
     summary = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
     print(json.dumps(summary, indent=2))
-    print(category_table(report))
-  logging.info('Wrote %s', output)
+    print(table)
+  logging.info('Wrote %s (and the per-category table next to it)', output)
 
 
 def run():
