@@ -230,7 +230,6 @@ def pair_losses(scores, target_masks, batch, size, model_config):
   epe = jnp.where(pairs, (dist * valid).sum(-1) / jnp.maximum(count, 1), 0.)
 
   def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
-    b, i, k, _ = src_kps.shape
     return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
         restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None], size,
         model_config.beta), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
