@@ -2,8 +2,8 @@ r"""Speed and memory of the 4D operators on this machine.
 
   python benchmarks/ops.py [--sizes 16,32,64] [--out benchmarks/results/ops.json]
 
-For the 4D correlation and the center-pivot conv (forward, and forward+backward) at feature maps of
-size x size per image: median milliseconds, GFLOP/s (FLOPs from XLA's cost analysis), and the ratio to a
+For the 4D correlation, the center-pivot conv (forward, and forward+backward) and the whole center-pivot
+decoders of KBCNet-tiny and KBCNet-R101 (forward+backward) at feature maps of size x size per image: median milliseconds, GFLOP/s (FLOPs from XLA's cost analysis), and the ratio to a
 float32 matmul measured in the same run. Then the compiled temporary memory of a forward+backward through
 KBCNet-R101's three-block center-pivot decoder, naive vs the memory-bounded path (`chunked_stack`).
 """
@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from misc_jax.models import kbcnet
 from misc_jax.ops import conv4d
 from misc_jax.ops import correlation
 
@@ -53,10 +54,19 @@ def op_cases(size, channels, cp_channels):
   params = cp.init(key, vol[:, :4, :4, :4, :4])['params']
   cp_fwd = lambda p, x: cp.apply({'params': p}, x)
   cp_grad = jax.grad(lambda p, x: jnp.sum(cp.apply({'params': p}, x) ** 2), argnums=(0, 1))
-  return [(f'correlation C={channels}', 'fwd', corr, (src, trg)),
-          (f'correlation C={channels}', 'fwd+bwd', corr_grad, (src, trg)),
-          (f'center-pivot {cp_channels}->16 s2', 'fwd', cp_fwd, (params, vol)),
-          (f'center-pivot {cp_channels}->16 s2', 'fwd+bwd', cp_grad, (params, vol))]
+  cases = [(f'correlation C={channels}', 'fwd', corr, (src, trg)),
+           (f'correlation C={channels}', 'fwd+bwd', corr_grad, (src, trg)),
+           (f'center-pivot {cp_channels}->16 s2', 'fwd', cp_fwd, (params, vol)),
+           (f'center-pivot {cp_channels}->16 s2', 'fwd+bwd', cp_grad, (params, vol))]
+  for variant in ('kbcnet_tiny', 'kbcnet_r101'):  # the whole decoder, as the models run it
+    v = kbcnet.VARIANTS[variant]
+    features = v['decoder_features']
+    stack = conv4d.CenterPivotStack(features, v['decoder_kernels'], v['decoder_strides'])
+    stack_params = stack.init(key, vol[:, :4, :4, :4, :4])['params']
+    stack_grad = jax.grad(lambda p, x, s=stack: jnp.sum(s.apply({'params': p}, x) ** 2), argnums=(0, 1))
+    name = f'decoder {cp_channels}->{"->".join(map(str, features))} ({variant})'
+    cases.append((name, 'fwd+bwd', stack_grad, (stack_params, vol)))
+  return cases
 
 
 def stack_memory(size, chunk_rows):

@@ -1,20 +1,30 @@
 r"""Training throughput of KBCNet: pairs/s, step time, XLA FLOPs, and the fraction of a peak reached.
 
   python benchmarks/train_step.py [--variants kbcnet_tiny,kbcnet_r101] [--sizes 240,512] \
-      [--dtypes float32,bfloat16] [--batch 1] [--steps 3] [--out benchmarks/results/train_step_cpu.json]
+      [--dtypes float32,bfloat16] [--chunk_rows 0,4] [--batch 1] [--steps 3] [--profile DIR] \
+      [--out benchmarks/results/train_step_cpu.json]
+  python benchmarks/train_step.py --config configs/kbcnet_spair.py,configs/misc210k_dualpath.py
 
 Times the real pmapped `train.train_step` (forward, loss, backward, AdamW) on random inputs of fixed shape
 (the input pipeline is benchmarks/input_pipeline.py's), one pair per device by default, feature stride 16
 for ResNet variants (a 15 x 15 grid at 240 px, 32 x 32 at 512) and 8 for the tiny one. FLOPs per step come
 from XLA's cost analysis of the compiled step; the fraction is of a float32 matmul measured in the same run
-(CPU), or of `--peak_tflops` when given (an accelerator's datasheet peak). A compile counter fails the run
+(CPU), or of `--peak_tflops` when given (an accelerator's datasheet peak). `--chunk_rows` times the
+memory-bounded decoder (model.decoder_chunk_rows) next to the plain one. `--config` times experiment
+configs as they are (model, image size, dtype, chunking, frozen stages), e.g. configs/kbcnet_spair.py;
+`--profile DIR` adds the cost of each model module and operation from a profile. A compile counter fails the run
 if any timed step compiles again.
 """
 
 import argparse
+import collections
+import glob
+import gzip
+import importlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -64,20 +74,29 @@ def random_batch(config, devices: int, per_device: int):
           'valid': np.ones(shape, bool)}
 
 
-def measure(variant: str, size: int, dtype: str, per_device: int, steps: int) -> dict:
+def benchmark_config(variant: str, size: int, dtype: str, batch_size: int, chunk_rows: int = 0):
+  """configs/synthetic.py with the variant, input size, dtype and decoder_chunk_rows; one instance of 16
+  keypoints per side."""
   config = synthetic.get_config()
   with config.unlocked():
     config.model.update(variant=variant, **kbcnet.decode_variant(variant))
     config.model.dtype = dtype
+    config.model.decoder_chunk_rows = chunk_rows
     config.model.feature_stride = 8 if variant == 'kbcnet_tiny' else 16
     config.input.image_size = size
     config.input.max_instances = 1
     config.input.max_keypoints = 16
-  devices = jax.local_device_count()
-  config.batch_size = devices * per_device
+    config.batch_size = batch_size
+  return config
+
+
+def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) -> dict:
+  """Compiles the pmapped train step for `host_batch` ([devices, per_device, ...]) and times `steps` calls
+  after one warm-up call; raises if a timed call compiles again. Returns times, losses and XLA's FLOPs;
+  with `profile_dir`, also the cost per step of each operation in a profile of `steps` more calls."""
   model_module, model = train.create_model(config)
   p_state = train.replicate(train.initial_state(config, model))
-  batch = jax.pmap(lambda x: x)(random_batch(config, devices, per_device))  # on the devices, once
+  batch = jax.pmap(lambda x: x)(host_batch)  # on the devices, once
   rng = train.replicate(jax.random.key_data(jax.random.key(0)))
   step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
                                                    model_module=model_module, config=config),
@@ -87,7 +106,7 @@ def measure(variant: str, size: int, dtype: str, per_device: int, steps: int) ->
   compile_s = time.perf_counter() - start
   flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   p_state, metrics = step(p_state, batch, rng)  # warm-up (the first call also compiles)
-  jax.block_until_ready(metrics)
+  losses = [float(metrics['loss'][0])]
   compiles_before = len(_COMPILES)
   times = []
   for _ in range(steps):
@@ -95,14 +114,108 @@ def measure(variant: str, size: int, dtype: str, per_device: int, steps: int) ->
     p_state, metrics = step(p_state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+    losses.append(float(metrics['loss'][0]))
   if len(_COMPILES) != compiles_before:
-    raise RuntimeError(f'{variant} {size} px {dtype}: {len(_COMPILES) - compiles_before} recompilations '
-                       'during timed steps')
-  seconds = statistics.median(times)
-  grid = size // config.model.feature_stride
-  return dict(variant=variant, image_size=size, grid=grid, dtype=dtype, batch=config.batch_size,
-              step_s=seconds, pairs_per_s=config.batch_size / seconds, gflop_per_step=flops / 1e9,
-              gflops=flops / 1e9 / seconds, compile_s=compile_s, recompiles=0)
+    raise RuntimeError(f'{len(_COMPILES) - compiles_before} recompilations during timed steps')
+  run = dict(times=times, losses=losses, compile_s=compile_s, flops=flops)
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        p_state, metrics = step(p_state, batch, rng)
+        jax.block_until_ready(metrics)
+    run['costs'] = costs_by_source(profile_dir, compiled.as_text(), steps)
+  return run
+
+
+def costs_by_source(trace_dir: str, hlo: str, steps: int) -> dict:
+  """Milliseconds per step of each JAX operation (its name-stack path, e.g.
+  'transpose(jvp(KBCNet))/decoder/block0/CenterPivotConv4d_0/conv_b/conv_general_dilated') in the
+  profiler's perfetto trace of the compiled module `hlo`. A fusion takes its root instruction's name;
+  instructions XLA made without one (e.g. the weight-gradient convolutions it hands to a library) are
+  listed as '? <opcode> [<instruction>]'."""
+  info, roots, comp = {}, {}, None  # instruction -> (op_name, opcode, called computation)
+  for line in hlo.splitlines():
+    if line.endswith('{') and not line.startswith(' '):
+      comp = line.split()[0].lstrip('%')
+      continue
+    m = re.match(r'\s*(ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(', line)
+    if not m:
+      continue
+    op = re.search(r'op_name="([^"]*)"', line)
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    info[m.group(2)] = (op and op.group(1), m.group(3), called and called.group(1))
+    if m.group(1):
+      roots[comp] = m.group(2)
+
+  def op_name(instruction):
+    name, opcode, called = info[instruction]
+    while not name and called and roots.get(called) in info:  # a fusion: its root's
+      name, opcode, called = info[roots[called]]
+    return name or f'? {opcode} [{instruction}]'
+
+  trace = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  with gzip.open(max(trace, key=os.path.getmtime)) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  costs = collections.Counter()
+  for event in events:
+    if event.get('ph') != 'X' or event.get('name') not in info:
+      continue  # runtime bookkeeping, not an HLO instruction
+    name = re.sub(r'^(pmap\([^)]*\)/)?(jit\([^)]*\)/)*', '', op_name(event['name']))
+    costs[name] += event['dur'] / 1e3 / steps
+  return dict(costs.most_common())
+
+
+def by_module(costs: dict) -> dict:
+  """Per-step milliseconds by model submodule (2 levels deep, e.g. 'decoder/block0'; a ResNet stage's
+  blocks together) and pass ('forward', 'backward'; 'unknown' for instructions XLA made without a name)."""
+  table = collections.defaultdict(lambda: {'forward': 0., 'backward': 0., 'unknown': 0.})
+  for name, ms in costs.items():
+    inside = re.search(r'jvp\((\w+)\)+/(.*)', name)  # inside the model's apply: jvp(KBCNet)/decoder/...
+    parts = inside.group(2).split('/')[:-1] if inside else []  # drop the primitive
+    if name.startswith('?'):
+      module, kind = f'unnamed: {name.split()[1]} (XLA-made)', 'unknown'
+    else:
+      module = re.sub(r'_\d+$', '', '/'.join(parts[:2]))  # backbone/layer3_12 -> backbone/layer3
+      module = module or (f'{inside.group(1)} (top level)' if inside else 'loss, optimiser')
+      kind = 'backward' if 'transpose(' in name else 'forward'
+    table[module][kind] += ms
+  return dict(sorted(table.items(), key=lambda kv: -sum(kv[1].values())))
+
+
+def measure(config, per_device: int, steps: int, profile_dir: str | None = None) -> dict:
+  devices = jax.local_device_count()
+  with config.unlocked():
+    config.batch_size = devices * per_device
+  run = run_steps(config, random_batch(config, devices, per_device), steps, profile_dir)
+  seconds = statistics.median(run['times'])
+  size = config.input.image_size
+  return dict(model=config.model.get('name', 'kbcnet'), variant=config.model.variant, image_size=size,
+              grid=size // config.model.feature_stride, dtype=config.model.dtype,
+              chunk_rows=config.model.get('decoder_chunk_rows', 0), batch=config.batch_size,
+              step_s=seconds, pairs_per_s=config.batch_size / seconds, gflop_per_step=run['flops'] / 1e9,
+              gflops=run['flops'] / 1e9 / seconds, compile_s=run['compile_s'], recompiles=0,
+              **({'costs_ms': run['costs']} if profile_dir else {}))
+
+
+def load_config(spec: str):
+  """'configs/kbcnet_spair.py' or 'configs/misc210k_dualpath.py:synthetic' -> its ConfigDict."""
+  path, _, arg = spec.partition(':')
+  module = importlib.import_module(os.path.splitext(os.path.normpath(path))[0].replace(os.sep, '.'))
+  return module.get_config(arg or None)
+
+
+def print_costs(name: str, costs: dict, top: int = 12):
+  total = sum(costs.values())
+  print(f'\n{name}: {total:.1f} ms per step in the profile; by module:\n')
+  print('| module | forward ms | backward ms | pass unknown ms | share |\n|---|---|---|---|---|')
+  for module, ms in by_module(costs).items():
+    print(f'| {module} | {ms["forward"]:.1f} | {ms["backward"]:.1f} | {ms["unknown"]:.1f} | '
+          f'{sum(ms.values()) / total:.1%} |')
+  print(f'\ntop {top} operations:\n\n| ms | share | operation |\n|---|---|---|')
+  for op, ms in list(costs.items())[:top]:
+    print(f'| {ms:.1f} | {ms / total:.1%} | {op} |')
+  print()
 
 
 def main():
@@ -112,8 +225,14 @@ def main():
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--batch', type=int, default=1, help='pairs per device')
   parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--chunk_rows', default='0',
+                      help='decoder_chunk_rows values to time (0: the whole volume at once)')
+  parser.add_argument('--config', default=None,
+                      help='config files to time instead of the sweep, e.g. configs/kbcnet_spair.py')
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help="the device's peak (default: a float32 matmul measured here)")
+  parser.add_argument('--profile', default=None, metavar='DIR',
+                      help='also profile each configuration (traces under DIR) and print its top costs')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
@@ -122,18 +241,27 @@ def main():
   machine = f'{device.device_kind} x{jax.local_device_count()}, {os.cpu_count()} CPUs, {platform.processor()}'
   print(f'# {machine}; jax {jax.__version__}; peak used: {peak:.1f} GFLOP/s '
         f'({"given" if args.peak_tflops else "float32 matmul 2048^3, measured"})\n')
-  print('| variant | px | grid | dtype | batch | step s | pairs/s | GFLOP/step | GFLOP/s | / peak | compile s |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  print('| model | px | grid | dtype | chunk rows | batch | step s | pairs/s | GFLOP/step | GFLOP/s '
+        '| / peak | compile s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  if args.config:
+    configs = [(spec, load_config(spec)) for spec in args.config.split(',')]
+  else:
+    configs = [(f'{variant}_{size}_{dtype}_rows{rows}', benchmark_config(variant, size, dtype, 1, rows))
+               for variant in args.variants.split(',') for size in map(int, args.sizes.split(','))
+               for dtype in args.dtypes.split(',') for rows in map(int, args.chunk_rows.split(','))]
   rows = []
-  for variant in args.variants.split(','):
-    for size in map(int, args.sizes.split(',')):
-      for dtype in args.dtypes.split(','):
-        row = measure(variant, size, dtype, args.batch, args.steps)
-        row['fraction_of_peak'] = row['gflops'] / peak
-        rows.append(row)
-        print(f'| {variant} | {size} | {row["grid"]} | {dtype} | {row["batch"]} | {row["step_s"]:.3f} | '
-              f'{row["pairs_per_s"]:.2f} | {row["gflop_per_step"]:.1f} | {row["gflops"]:.1f} | '
-              f'{row["fraction_of_peak"]:.3f} | {row["compile_s"]:.1f} |', flush=True)
+  for name, config in configs:
+    row = measure(config, args.batch, args.steps,
+                  args.profile and os.path.join(args.profile, re.sub(r'\W', '_', name)))
+    row['fraction_of_peak'] = row['gflops'] / peak
+    rows.append(row)
+    print(f'| {row["model"]} {row["variant"]} | {row["image_size"]} | {row["grid"]} | {row["dtype"]} | '
+          f'{row["chunk_rows"] or "-"} | {row["batch"]} | {row["step_s"]:.3f} | {row["pairs_per_s"]:.2f} | '
+          f'{row["gflop_per_step"]:.1f} | {row["gflops"]:.1f} | {row["fraction_of_peak"]:.3f} | '
+          f'{row["compile_s"]:.1f} |', flush=True)
+    if args.profile:
+      print_costs(name, row['costs_ms'])
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(machine=machine, date=time.strftime('%Y-%m-%d'), jax=jax.__version__,

@@ -36,9 +36,11 @@ def test_correlation_gradients():
       correlation.correlation(a, trg, clamp=False)), (src,), order=1, modes=['rev'])
 
 
-def test_center_pivot_conv_gradients():
+@pytest.mark.parametrize('loop_grads', [False, True])
+def test_center_pivot_conv_gradients(loop_grads):
+  """Autodiff's gradients and loop_conv2d's hand-written ones (stride 2 over odd sizes, kernels 3 and 5)."""
   x = _rand(2, 1, 4, 5, 5, 4, 2).astype(np.float64)
-  module = conv4d.CenterPivotConv4d(3, (3, 3, 3, 3), (1, 1, 2, 2))
+  module = conv4d.CenterPivotConv4d(3, (3, 3, 5, 3), (1, 1, 2, 2), loop_grads=loop_grads)
   params = jax.tree.map(lambda p: p.astype(np.float64),
                         module.init(jax.random.key(0), x)['params'])
   jtu.check_grads(lambda p, x: module.apply({'params': p}, x), (params, x), order=1, modes=['rev'])
