@@ -3,8 +3,9 @@ r"""Speed and memory of the 4D operators on this machine.
   python benchmarks/ops.py [--sizes 16,32,64] [--out benchmarks/results/ops.json]
 
 For the 4D correlation, the center-pivot conv (forward, and forward+backward) and the whole center-pivot
-decoders of KBCNet-tiny and KBCNet-R101 (forward+backward) at feature maps of size x size per image: median milliseconds, GFLOP/s (FLOPs from XLA's cost analysis), and the ratio to a
-float32 matmul measured in the same run. Then the compiled temporary memory of a forward+backward through
+decoders of KBCNet-tiny and KBCNet-R101 (forward+backward) at feature maps of size x size per image:
+median milliseconds, GFLOP/s (FLOPs from XLA's cost analysis), and the ratio to a float32 matmul measured
+in the same run. Then the compiled temporary memory of a forward+backward through
 KBCNet-R101's three-block center-pivot decoder, naive vs the memory-bounded path (`chunked_stack`).
 """
 

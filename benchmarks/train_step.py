@@ -12,8 +12,8 @@ from XLA's cost analysis of the compiled step; the fraction is of a float32 matm
 (CPU), or of `--peak_tflops` when given (an accelerator's datasheet peak). `--chunk_rows` times the
 memory-bounded decoder (model.decoder_chunk_rows) next to the plain one. `--config` times experiment
 configs as they are (model, image size, dtype, chunking, frozen stages), e.g. configs/kbcnet_spair.py;
-`--profile DIR` adds the cost of each model module and operation from a profile. A compile counter fails the run
-if any timed step compiles again.
+`--profile DIR` adds the cost of each model module and operation from a profile. A compile counter fails
+the run if any timed step compiles again.
 """
 
 import argparse

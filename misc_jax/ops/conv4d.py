@@ -167,8 +167,9 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
   GroupNorm needs statistics over the whole volume, so block i's are accumulated in a pass of their own
   that recomputes blocks 0..i-1 on each chunk (with a halo of kernel // 2 rows per block); a last pass
   computes the output. Every chunk is a `jax.checkpoint`ed loop body whose only residual is its row offset,
-  so the backward pass too holds one chunk at a time; the blocks' gradients there are `loop_conv2d`'s. Values match the plain stack up to float32 summation
-  order; the price is len(blocks) extra forward passes of the first blocks.
+  so the backward pass too holds one chunk at a time; the blocks' gradients there are `loop_conv2d`'s.
+  Values match the plain stack up to float32 summation order; the price is len(blocks) extra forward
+  passes of the first blocks.
   """
   if height % rows:
     raise ValueError(f'chunk_rows={rows} must divide the source height {height}')
