@@ -92,15 +92,12 @@ def initial_state(config, model) -> optim.TrainState:
 
 def train_step(state, batch, rng, *, model_module, config):
   """One pmapped AdamW step; gradients and metrics are averaged over all devices of all processes."""
-  # A random annotated source instance per pair, keyed by the pair's position in the global batch, so
-  # the draw does not depend on how the batch is split over devices.
-  b = batch['valid'].shape[0]
-  index = lax.axis_index('batch') * b + jnp.arange(b)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, state.step), i))(index)
-  logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
-  pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
-  batch = dict(batch, source=_move_to_front(batch['source'], pick))
   if config.kbc.train_prob:
+    # Per-pair keys from the pair's position in the global batch: the draws do not depend on how the
+    # batch is split over devices.
+    b = batch['valid'].shape[0]
+    index = lax.axis_index('batch') * b + jnp.arange(b)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, state.step), i))(index)
     batch = _kbc_crops(batch, keys, model_module, config)
 
   def loss_fn(params):
@@ -114,8 +111,12 @@ def train_step(state, batch, rng, *, model_module, config):
 
 
 def _kbc_crops(batch, keys, model_module, config):
-  """KBC as augmentation: with probability config.kbc.train_prob a pair is seen through crops around its
-  source keypoints and its ground-truth target keypoints (those of every target instance)."""
+  """KBC as augmentation: with probability config.kbc.train_prob a pair is seen through crops around the
+  keypoints of a random annotated source instance (moved to slot 0) and its ground-truth target keypoints
+  (those of every target instance). keys: one per pair."""
+  logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
+  pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
+  batch = dict(batch, source=_move_to_front(batch['source'], pick))
   src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
   b, size = src_kps.shape[0], config.input.image_size
   use = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), config.kbc.train_prob))(keys)

@@ -107,6 +107,7 @@ def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
 def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
   batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)  # all devices' pairs
+  batch['source']['instance_valid'][:, 1:] = False  # one annotated instance: the one picked
   b = batch['valid'].shape[0]
   keys = jax.random.split(jax.random.key(0), b)
   with smoke_config.unlocked():

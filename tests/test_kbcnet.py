@@ -5,6 +5,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -62,6 +63,34 @@ def test_identity_volume_returns_keypoints_where_they_started(grid, transfer):
   pred = kbcnet.predict_keypoints(eye, kps, valid, size, transfer=transfer, beta=0.01)
   np.testing.assert_allclose(pred[valid], kps[valid], atol=1e-3)
   np.testing.assert_array_equal(pred[0, -1], kps[0, -1])  # invalid: unchanged
+
+
+def test_training_loss_transfers_every_annotated_source_instance():
+  """Identity scores, two source instances: instance 0 sits on target instance 1 (transfer error 0),
+  instance 1 lies 11 px or more off every target instance. The loss is the pair's mean over annotated source
+  instances; an unannotated instance, or keypoints a crop pushed outside the image, add nothing."""
+  grid, size = 4, 32
+  config = ml_collections.ConfigDict(dict(
+      input=dict(image_size=size),
+      model=dict(transfer='soft_argmax', beta=1e-3, sigma=5., match_loss_weight=0.)))
+  scores = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
+  centre = lambda i, j: [8. * i + 4, 8. * j + 4]  # a cell centre, x then y
+  source = {'keypoints': np.array([[[centre(0, 0), centre(1, 2)], [centre(3, 3), centre(2, 0)]]]),
+            'keypoint_valid': np.ones((1, 2, 2), bool), 'instance_valid': np.ones((1, 2), bool),
+            'image': None}
+  target = {'keypoints': np.array([[[centre(2, 2), centre(3, 2)], [centre(0, 0), centre(1, 2)]]]),
+            'keypoint_valid': np.ones((1, 2, 2), bool), 'instance_valid': np.ones((1, 2), bool),
+            'image': None}
+  loss = lambda src: float(kbcnet.train_loss(lambda *_: scores, {'source': src, 'target': target},
+                                             config)[1]['transfer_loss'])
+  # Instance 1's keypoints (28, 28) and (20, 4) stay where they are; the closest target instance is 0,
+  # at (20, 20) and (28, 20): errors of hypot(8, 8) and hypot(8, 16) px, in image sides.
+  off = (np.hypot(8, 8) + np.hypot(8, 16)) / 2 / size
+  np.testing.assert_allclose(loss(source), off / 2, atol=1e-4)
+  np.testing.assert_allclose(loss(dict(source, instance_valid=np.array([[True, False]]))), 0., atol=1e-4)
+  outside = source['keypoints'].copy()
+  outside[0, 1] = -5.
+  np.testing.assert_allclose(loss(dict(source, keypoints=outside)), 0., atol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_scores():

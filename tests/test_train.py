@@ -91,11 +91,11 @@ def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp
   relative = os.path.relpath(workdir, REPO)  # as the README's command gives it
   _finish(_main(relative, tiny_data_dir, devices=1), workdir)
   # 8 pairs on one device vs 1 per device changes XLA's convolution reduction order; Adam amplifies that
-  # float noise step by step (2e-5 at step 3, 3e-3 at step 6). A wrong data split or a missing pmean
-  # differs by far more, from the first step on.
+  # float noise step by step (measured: 2e-5 at step 3, 1.1e-2 at step 6). A wrong data split changes the
+  # first loss, a missing gradient pmean the second, by far more than 1e-4.
   ours, theirs = _losses(workdir), _losses(reference[0])
   np.testing.assert_allclose(ours[:3], theirs[:3], rtol=1e-4)
-  np.testing.assert_allclose(ours, theirs, rtol=1e-2)
+  np.testing.assert_allclose(ours, theirs, rtol=5e-2)
 
 
 def test_two_processes_give_the_same_losses_as_one(reference, tiny_data_dir, tmp_path):

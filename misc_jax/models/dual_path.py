@@ -232,12 +232,12 @@ def pair_losses(scores, target_masks, batch, size, model_config):
   def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
     return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
         restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None], size,
-        model_config.beta), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
+        model_config.beta).mean(), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
 
   ce = jax.vmap(match_ce, in_axes=(1, 1, 2))(target_masks, trg_kps, valid)  # [J, I]
   num_pairs = jnp.maximum(pairs.sum((1, 2)), 1)
   epe = (epe.sum((1, 2)) / num_pairs).mean()
-  # kbcnet.match_loss averages over the batch already; ce is a mean over pairs with any valid keypoint.
+  # ce holds batch means; averaged here over the instance pairs with any valid keypoint.
   ce = ce.sum() / jnp.maximum(pairs.any(0).sum(), 1)
   return epe, ce
 
@@ -247,7 +247,7 @@ def train_loss(apply, batch, config):
   model_config, size = config.model, config.input.image_size
   out = apply(batch['source']['image'], batch['target']['image'])
   scores = out['scores']
-  if not model_config.coseg:  # KBCNet: source instance 0 against the closest target instance
+  if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
     return kbcnet.train_loss(lambda *_: scores, batch, config)
   grid = scores.shape[-1]
   mask_terms, matches = [], []

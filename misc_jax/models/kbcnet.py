@@ -178,25 +178,37 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 's
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Targets and loss. The source keypoints are those of source instance 0. In a multi-instance image every
-# target instance of the category is a correct answer (REFERENCE.md section 1), so each prediction is
-# scored against the target instance it is closest to (mean error over the keypoints valid in both); with
-# one instance per image (SPair-71k, PF-PASCAL, PF-WILLOW) this is the standard protocol.
+# Targets and loss. In a multi-instance image every target instance of the category is a correct answer
+# (REFERENCE.md section 1), so each prediction is scored against the target instance it is closest to (mean
+# error over the keypoints valid in both); with one instance per image (SPair-71k, PF-PASCAL, PF-WILLOW)
+# this is the standard protocol. Training transfers every annotated source instance; evaluation, source
+# instance 0.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def train_loss(apply, batch, config):
-  """The training loss of a batch (source instance 0 is the one transferred) and its parts.
+  """The training loss of a batch and its parts: every annotated source instance's keypoints are
+  transferred, and a pair's loss is the mean over its source instances.
 
   `apply(source_images, target_images)` runs the model with the parameters being trained.
   """
   size = config.input.image_size
-  src_kps, src_valid, trg_kps, valid, _ = instance_targets(batch)
-  scores = apply(batch['source']['image'], batch['target']['image'])
-  pred = predict_keypoints(scores, src_kps, src_valid, size,
-                           **transfer_kwargs(config.model))
-  transfer = keypoint_loss(pred, trg_kps, valid, size)
-  match = match_loss(scores, src_kps, src_valid, trg_kps, valid, size, config.model.beta)
+  src, trg = batch['source'], batch['target']
+  scores = apply(src['image'], trg['image'])
+  inside = ((src['keypoints'] >= 0) & (src['keypoints'] < size)).all(-1)  # KBC crops can cut some off
+  src_valid = src['keypoint_valid'] & src['instance_valid'][..., None] & inside  # [B, I, K]
+  trg_valid = trg['keypoint_valid'] & trg['instance_valid'][..., None]  # [B, J, K]
+
+  def one_instance(kps, kps_valid):  # [B, K, 2], [B, K] -> per-pair EPE, cross-entropy, any valid [B]
+    valid = kps_valid[:, None] & trg_valid
+    pred = predict_keypoints(scores, kps, kps_valid, size, **transfer_kwargs(config.model))
+    err, _, has_any = match_instances(pred, trg['keypoints'], valid, size)
+    nll = match_loss(scores, kps, kps_valid, trg['keypoints'], valid, size, config.model.beta)
+    return err, nll, has_any
+
+  err, nll, has_any = jax.vmap(one_instance, in_axes=1, out_axes=1)(src['keypoints'], src_valid)  # [B, I]
+  per_pair = lambda x: (x.sum(1) / jnp.maximum(has_any.sum(1), 1)).mean()  # a pair without any adds 0
+  transfer, match = per_pair(err), per_pair(nll)
   loss = transfer + config.model.match_loss_weight * match
   return loss, {'transfer_loss': transfer, 'match_loss': match}
 
@@ -221,17 +233,11 @@ def match_instances(pred, trg_kps, valid, image_size: int):
   return jnp.where(has_any, jnp.min(err, axis=1), 0.), best, has_any
 
 
-def keypoint_loss(pred, trg_kps, valid, image_size: int):
-  """Keypoint-transfer error in image sides, averaged over the batch (a pair with no valid keypoint adds
-  0), so that the mean over devices equals the loss of the whole global batch."""
-  return match_instances(pred, trg_kps, valid, image_size)[0].mean()
-
-
 def match_loss(scores, src_kps, src_valid, trg_kps, valid, image_size: int, beta: float):
   """Cross-entropy of each source keypoint's score row (read at the keypoint) against the target cells
   holding its true matches: -log of the probability mass on the true cell of any target instance.
   Regressing soft-argmax positions alone learns slowly from scratch; this dense term gives every target
-  cell a gradient. Averaged over valid keypoints, then over the batch like `keypoint_loss`."""
+  cell a gradient. Returns the mean over each pair's valid keypoints [B] (0 for a pair without any)."""
   vol = _volume(scores)
   b, ha, wa, hb, wb = vol.shape
   rows = vol.reshape(b, ha, wa, hb * wb)  # [B, Ha, Wa, Sb]
@@ -244,4 +250,4 @@ def match_loss(scores, src_kps, src_valid, trg_kps, valid, image_size: int, beta
   nll = -jax.nn.logsumexp(jnp.where(valid, picked, -jnp.inf), axis=1)  # [B, K]
   any_valid = valid.any(axis=1)
   nll = jnp.where(any_valid, nll, 0.)
-  return (nll.sum(-1) / jnp.maximum(any_valid.sum(-1), 1)).mean()
+  return nll.sum(-1) / jnp.maximum(any_valid.sum(-1), 1)
