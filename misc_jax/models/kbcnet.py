@@ -196,8 +196,8 @@ def train_loss(apply, batch, config):
   src, trg = batch['source'], batch['target']
   scores = apply(src['image'], trg['image'])
   inside = ((src['keypoints'] >= 0) & (src['keypoints'] < size)).all(-1)  # KBC crops can cut some off
-  src_valid = src['keypoint_valid'] & src['instance_valid'][..., None] & inside  # [B, I, K]
-  trg_valid = trg['keypoint_valid'] & trg['instance_valid'][..., None]  # [B, J, K]
+  src_valid = _annotated(src) & inside  # [B, I, K]
+  trg_valid = _annotated(trg)  # [B, J, K]
 
   def one_instance(kps, kps_valid):  # [B, K, 2], [B, K] -> per-pair EPE, cross-entropy, any valid [B]
     valid = kps_valid[:, None] & trg_valid
@@ -217,9 +217,14 @@ def instance_targets(batch):
   """A batch (input_pipeline layout, one device) -> source keypoints [B, K, 2] and their mask [B, K];
   target keypoints [B, I, K, 2], mask [B, I, K] (valid in both images) and boxes [B, I, 4]."""
   src, trg = batch['source'], batch['target']
-  src_valid = src['keypoint_valid'][:, 0] & src['instance_valid'][:, :1]
-  valid = src_valid[:, None] & trg['keypoint_valid'] & trg['instance_valid'][..., None]
+  src_valid = _annotated(src)[:, 0]
+  valid = src_valid[:, None] & _annotated(trg)
   return src['keypoints'][:, 0], src_valid, trg['keypoints'], valid, trg['bboxes']
+
+
+def _annotated(side):
+  """One image's keypoint mask [B, I, K]: labelled, on an annotated instance."""
+  return side['keypoint_valid'] & side['instance_valid'][..., None]
 
 
 def match_instances(pred, trg_kps, valid, image_size: int):
