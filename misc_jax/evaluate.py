@@ -13,6 +13,7 @@ pass (KBCNet only).
 
 import ast
 import json
+import re
 
 from absl import app
 from absl import flags
@@ -48,8 +49,11 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
   if not builder.is_prepared():
     raise FileNotFoundError(f'{config.dataset.name} is not built in {builder.data_dir}; build it with '
                             f'python -m tfds_builders.build {config.dataset.name} --manual_dir ...')
-  if split not in builder.info.splits:
-    raise ValueError(f'{config.dataset.name} has no split {split!r}; it has {list(builder.info.splits)}')
+  try:
+    builder.info.splits[split]  # a name, or a slice of one: 'train[:200]', 'test[50%:]'
+  except ValueError as e:
+    raise ValueError(f'{config.dataset.name} has no split {split!r}; it has {list(builder.info.splits)}, '
+                     'and slices of them such as "train[:200]"') from e
   config, model_module, state, step = train.load_run(workdir, checkpoint, config)
   names = builder.info.features['category'].names
   evaluator = train.evaluator_for(config, model_module, split, names)
@@ -77,7 +81,7 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'The run to evaluate (holds config.json and checkpoints).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
   flags.DEFINE_string('dataset', None, 'A built TFDS dataset, e.g. pf_willow (default: the run\'s).')
-  flags.DEFINE_string('split', 'test', 'The split to evaluate.')
+  flags.DEFINE_string('split', 'test', 'The split to evaluate, or a slice of it ("train[:200]").')
   flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: the run\'s).')
   flags.DEFINE_enum('threshold', None, ['bbox', 'image'], 'PCK threshold (default: by dataset).')
   flags.DEFINE_bool('kbc', None, 'KBC second pass at evaluation (default: the run\'s config.kbc.eval).')
@@ -108,7 +112,8 @@ def main(argv):
   report = evaluate(f.workdir, checkpoint=f.checkpoint, dataset=f.dataset, split=f.split,
                     data_dir=f.data_dir, threshold=f.threshold, kbc=f.kbc, overrides=overrides,
                     plot=f.plot)
-  name = f'{report["dataset"].replace("/", "_")}_{report["split"]}_step{report["step"]}.json'
+  split = re.sub(r'\W+', '_', report['split']).strip('_')  # 'train[:200]' -> 'train_200'
+  name = f'{report["dataset"].replace("/", "_")}_{split}_step{report["step"]}.json'
   output = epath.Path(f.output or epath.Path(f.workdir) / 'eval' / name)
   if jax.process_index() == 0:
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -30,14 +31,22 @@ def test_evaluate_reproduces_the_in_training_evaluation(run_dir, tiny_data_dir, 
   assert '| category | pairs |' in evaluate.category_table(report)
 
 
+def test_evaluate_takes_a_slice_of_a_split(run_dir, tiny_data_dir):
+  whole = evaluate.evaluate(str(run_dir), split='validation', data_dir=tiny_data_dir)
+  assert whole['num_pairs'] == 3
+  first_two = evaluate.evaluate(str(run_dir), split='validation[:2]', data_dir=tiny_data_dir)
+  assert first_two['num_pairs'] == 2 and first_two['split'] == 'validation[:2]'
+
+
 def test_config_overrides_parse_literals():
   assert evaluate.parse_override('eval.alphas=(0.1, 0.2)') == ('eval.alphas', (0.1, 0.2))
   assert evaluate.parse_override('dataset.name=pf_willow') == ('dataset.name', 'pf_willow')
 
 
 def test_evaluate_names_what_is_missing(run_dir, tiny_data_dir, tmp_path):
-  with pytest.raises(ValueError, match="no split 'bogus'"):
-    evaluate.evaluate(str(run_dir), split='bogus', data_dir=tiny_data_dir)
+  for bad in ('bogus', 'validation[:abc]'):
+    with pytest.raises(ValueError, match=re.escape(f"no split {bad!r}")):
+      evaluate.evaluate(str(run_dir), split=bad, data_dir=tiny_data_dir)
   with pytest.raises(FileNotFoundError, match='is not built'):
     evaluate.evaluate(str(run_dir), dataset='synthetic_misc/small_objects', data_dir=str(tmp_path))
 
