@@ -11,13 +11,10 @@ model that only picks cells. Also prints the thresholds in input pixels.
 
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's tfds_builders/
-from tfds_builders.synthetic_misc import synthetic_misc_dataset_builder as synthetic  # pylint: disable=g-import-not-at-top
+from tfds_builders.synthetic_misc import synthetic_misc_dataset_builder as synthetic
 
 
 def main():

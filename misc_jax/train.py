@@ -220,7 +220,8 @@ def replicate(tree):
   """A host pytree -> one copy per local device, laid out exactly as pmap lays out its outputs, so the
   step's second call (on its own outputs) does not compile the step again."""
   n = jax.local_device_count()
-  return jax.pmap(lambda x: x, axis_name='batch')(jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), tree))
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), tree)
+  return jax.pmap(lambda x: x, axis_name='batch')(stacked)
 
 
 def _host_metrics(pending):

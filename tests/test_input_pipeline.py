@@ -53,7 +53,8 @@ def test_keypoint_stays_on_the_dot_after_resize(smoke_config, keep_aspect, width
 
 def test_too_many_instances_is_an_error_naming_the_pair(smoke_config):
   smoke_config.input.max_instances = 0
-  with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)pair.*dot.*more instances than config.input.max_instances=0"):
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"(?s)pair.*dot.*more instances than config.input.max_instances=0"):
     input_pipeline.preprocess_side(_dot_side(32, 32, 10, 10), 'dot', smoke_config)
 
 

@@ -27,7 +27,8 @@ Error = features.InvalidExampleError
 
 
 class LoadedImage(NamedTuple):
-  """What gets written (the file's own bytes when they can be stored as they are, else pixels) and the size."""
+  """What gets written (the file's own bytes when they can be stored as they are, else pixels), and the
+  size."""
   data: bytes | np.ndarray
   height: int
   width: int

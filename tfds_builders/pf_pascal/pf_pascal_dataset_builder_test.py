@@ -1,4 +1,5 @@
-"""TFDS's own builder checks on dummy_data/, which holds both flavours (values: tests/test_real_datasets.py)."""
+"""TFDS's own builder checks on dummy_data/, which holds both flavours (values checked in
+tests/test_real_datasets.py)."""
 
 import tensorflow_datasets as tfds
 
