@@ -64,6 +64,12 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
           'threshold': config.eval.threshold, 'kbc': bool(config.kbc.eval), **metrics}
 
 
+def report_name(report: dict) -> str:
+  """The default file name of a report: <dataset>_<split>_step<N>.json, any slice made safe."""
+  safe = lambda s: re.sub(r'\W+', '_', s).strip('_')  # 'train[:200]' -> 'train_200'
+  return f'{safe(report["dataset"])}_{safe(report["split"])}_step{report["step"]}.json'
+
+
 def category_table(report: dict) -> str:
   """The per-category PCK as a Markdown table."""
   rows = report.get('per_category', {})
@@ -112,9 +118,7 @@ def main(argv):
   report = evaluate(f.workdir, checkpoint=f.checkpoint, dataset=f.dataset, split=f.split,
                     data_dir=f.data_dir, threshold=f.threshold, kbc=f.kbc, overrides=overrides,
                     plot=f.plot)
-  split = re.sub(r'\W+', '_', report['split']).strip('_')  # 'train[:200]' -> 'train_200'
-  name = f'{report["dataset"].replace("/", "_")}_{split}_step{report["step"]}.json'
-  output = epath.Path(f.output or epath.Path(f.workdir) / 'eval' / name)
+  output = epath.Path(f.output or epath.Path(f.workdir) / 'eval' / report_name(report))
   if jax.process_index() == 0:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))

@@ -36,6 +36,7 @@ def test_evaluate_takes_a_slice_of_a_split(run_dir, tiny_data_dir):
   assert whole['num_pairs'] == 3
   first_two = evaluate.evaluate(str(run_dir), split='validation[:2]', data_dir=tiny_data_dir)
   assert first_two['num_pairs'] == 2 and first_two['split'] == 'validation[:2]'
+  assert evaluate.report_name(first_two) == 'synthetic_misc_tiny_validation_2_step6.json'
 
 
 def test_config_overrides_parse_literals():
