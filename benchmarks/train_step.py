@@ -1,16 +1,19 @@
 r"""Training throughput of KBCNet: pairs/s, step time, XLA FLOPs, and the fraction of a peak reached.
 
   python benchmarks/train_step.py [--variants kbcnet_tiny,kbcnet_r101] [--sizes 240,512] \
-      [--dtypes float32,bfloat16] [--chunk_rows 0,4] [--batch 1] [--steps 3] [--profile DIR] \
-      [--out benchmarks/results/train_step_cpu.json]
+      [--dtypes float32,bfloat16] [--chunk_rows 0,4] [--batch 1] [--steps 3] [--feature_stride 0] \
+      [--peak_tflops P] [--profile DIR] [--out benchmarks/results/train_step_cpu.json]
   python benchmarks/train_step.py --config configs/kbcnet_spair.py,configs/misc210k_dualpath.py
 
 Times the real pmapped `train.train_step` (forward, loss, backward, AdamW) on random inputs of fixed shape
 (the input pipeline is benchmarks/input_pipeline.py's), one pair per device by default, feature stride 16
-for ResNet variants (a 15 x 15 grid at 240 px, 32 x 32 at 512) and 8 for the tiny one. FLOPs per step come
-from XLA's cost analysis of the compiled step; the fraction is of a float32 matmul measured in the same run
-(CPU), or of `--peak_tflops` when given (an accelerator's datasheet peak). `--chunk_rows` times the
-memory-bounded decoder (model.decoder_chunk_rows) next to the plain one. `--config` times experiment
+for ResNet variants (a 15 x 15 grid at 240 px, 32 x 32 at 512) and 8 for the tiny one unless
+`--feature_stride` says otherwise. FLOPs per step come from XLA's cost analysis of the step lowered for
+the CPU (the same count on every backend); the fraction is of a matmul measured in the same run (float32
+2048^3 on a CPU, bfloat16 8192^3 on an accelerator), or of `--peak_tflops` when given (a datasheet peak).
+Memory: XLA's plan of the compiled step (temporaries, arguments) and, on a GPU or TPU, the allocator's peak
+so far in the process (run one configuration per process to read one step's peak). `--chunk_rows` times
+the memory-bounded decoder (model.decoder_chunk_rows) next to the plain one. `--config` times experiment
 configs as they are (model, image size, dtype, chunking, frozen stages), e.g. configs/kbcnet_spair.py;
 `--profile DIR` adds the cost of each model module and operation from a profile. A compile counter fails
 the run if any timed step compiles again.
@@ -44,8 +47,9 @@ monitoring.register_event_duration_secs_listener(
     if event == '/jax/core/compile/backend_compile_duration' else None)
 
 
-def matmul_gflops(n=2048, reps=10):
-  a = jax.random.normal(jax.random.key(0), (n, n))
+def matmul_gflops(n: int, dtype: str, reps: int = 10):
+  """GFLOP/s of one n^3 matmul in `dtype`, the median of `reps` timed calls after a warm-up."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
   times = []
@@ -74,15 +78,16 @@ def random_batch(config, devices: int, per_device: int):
           'valid': np.ones(shape, bool)}
 
 
-def benchmark_config(variant: str, size: int, dtype: str, batch_size: int, chunk_rows: int = 0):
-  """configs/synthetic.py with the variant, input size, dtype and decoder_chunk_rows; one instance of 16
-  keypoints per side."""
+def benchmark_config(variant: str, size: int, dtype: str, batch_size: int, chunk_rows: int = 0,
+                     feature_stride: int = 0):
+  """configs/synthetic.py with the variant, input size, dtype, decoder_chunk_rows and feature stride (0:
+  8 for the tiny variant, 16 for ResNets); one instance of 16 keypoints per side."""
   config = synthetic.get_config()
   with config.unlocked():
     config.model.update(variant=variant, **kbcnet.decode_variant(variant))
     config.model.dtype = dtype
     config.model.decoder_chunk_rows = chunk_rows
-    config.model.feature_stride = 8 if variant == 'kbcnet_tiny' else 16
+    config.model.feature_stride = feature_stride or (8 if variant == 'kbcnet_tiny' else 16)
     config.input.image_size = size
     config.input.max_instances = 1
     config.input.max_keypoints = 16
@@ -90,21 +95,34 @@ def benchmark_config(variant: str, size: int, dtype: str, batch_size: int, chunk
   return config
 
 
+def model_flops(step_fn, *args) -> float:
+  """XLA's FLOP count of one device's `step_fn(*args)` (args with a leading device axis), lowered for the
+  CPU whatever the device, so that every backend reports the same count: XLA:GPU's count of a compiled
+  step leaves out the convolutions it hands to cuDNN. A loop body (the chunked decoder's) counts once."""
+  one_device = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), args)
+  lowered = jax.jit(jax.vmap(step_fn, axis_name='batch')).trace(*one_device).lower(
+      lowering_platforms=('cpu',))
+  return lowered.cost_analysis()['flops']
+
+
 def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) -> dict:
   """Compiles the pmapped train step for `host_batch` ([devices, per_device, ...]) and times `steps` calls
-  after one warm-up call; raises if a timed call compiles again. Returns times, losses and XLA's FLOPs;
-  with `profile_dir`, also the cost per step of each operation in a profile of `steps` more calls."""
+  after one warm-up call; raises if a timed call compiles again. Returns times, losses, FLOPs (the model's,
+  and the compiled step's as XLA counts it on this backend) and XLA's memory plan; with `profile_dir`, also
+  the cost per step of each operation in a profile of `steps` more calls."""
   model_module, model = train.create_model(config)
   p_state = train.replicate(train.initial_state(config, model))
   batch = jax.pmap(lambda x: x)(host_batch)  # on the devices, once
   rng = train.replicate(jax.random.key_data(jax.random.key(0)))
-  step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
-                                                   model_module=model_module, config=config),
-                  axis_name='batch', donate_argnums=(0,))
+  step_fn = lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
+                                             model_module=model_module, config=config)
+  step = jax.pmap(step_fn, axis_name='batch', donate_argnums=(0,))
   start = time.perf_counter()
   compiled = step.lower(p_state, batch, rng).compile()
   compile_s = time.perf_counter() - start
-  flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+  flops = model_flops(step_fn, p_state, batch, rng)
+  compiled_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
+  memory = compiled.memory_analysis()
   p_state, metrics = step(p_state, batch, rng)  # warm-up (the first call also compiles)
   losses = [float(metrics['loss'][0])]
   compiles_before = len(_COMPILES)
@@ -117,7 +135,10 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
     losses.append(float(metrics['loss'][0]))
   if len(_COMPILES) != compiles_before:
     raise RuntimeError(f'{len(_COMPILES) - compiles_before} recompilations during timed steps')
-  run = dict(times=times, losses=losses, compile_s=compile_s, flops=flops)
+  device_stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU: the allocator's peak so far
+  run = dict(times=times, losses=losses, compile_s=compile_s, flops=flops, compiled_flops=compiled_flops,
+             temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30,
+             peak_gib=device_stats.get('peak_bytes_in_use', float('nan')) / 2**30)
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(steps):
@@ -194,7 +215,9 @@ def measure(config, per_device: int, steps: int, profile_dir: str | None = None)
               grid=size // config.model.feature_stride, dtype=config.model.dtype,
               chunk_rows=config.model.get('decoder_chunk_rows', 0), batch=config.batch_size,
               step_s=seconds, pairs_per_s=config.batch_size / seconds, gflop_per_step=run['flops'] / 1e9,
+              compiled_gflop_per_step=run['compiled_flops'] / 1e9,
               gflops=run['flops'] / 1e9 / seconds, compile_s=run['compile_s'], recompiles=0,
+              temp_gib=run['temp_gib'], argument_gib=run['argument_gib'], peak_gib=run['peak_gib'],
               **({'costs_ms': run['costs']} if profile_dir else {}))
 
 
@@ -229,25 +252,32 @@ def main():
                       help='decoder_chunk_rows values to time (0: the whole volume at once)')
   parser.add_argument('--config', default=None,
                       help='config files to time instead of the sweep, e.g. configs/kbcnet_spair.py')
+  parser.add_argument('--feature_stride', type=int, default=0,
+                      help='image pixels per feature cell (0: 8 for kbcnet_tiny, 16 for ResNets)')
   parser.add_argument('--peak_tflops', type=float, default=None,
-                      help="the device's peak (default: a float32 matmul measured here)")
+                      help="the device's peak (default: the matmul measured here)")
   parser.add_argument('--profile', default=None, metavar='DIR',
                       help='also profile each configuration (traces under DIR) and print its top costs')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
   device = jax.devices()[0]
-  peak = args.peak_tflops * 1e3 if args.peak_tflops else matmul_gflops()
+  # The measured reference: float32 2048^3 on a CPU; on an accelerator bfloat16 8192^3, its fastest path.
+  on_cpu = device.platform == 'cpu'
+  matmul = matmul_gflops(2048, 'float32') if on_cpu else matmul_gflops(8192, 'bfloat16')
+  matmul_name = f'{"float32 2048" if on_cpu else "bfloat16 8192"}^3 matmul'
+  peak = args.peak_tflops * 1e3 if args.peak_tflops else matmul
   machine = f'{device.device_kind} x{jax.local_device_count()}, {os.cpu_count()} CPUs, {platform.processor()}'
-  print(f'# {machine}; jax {jax.__version__}; peak used: {peak:.1f} GFLOP/s '
-        f'({"given" if args.peak_tflops else "float32 matmul 2048^3, measured"})\n')
+  print(f'# {machine}; jax {jax.__version__}; {matmul_name} measured: {matmul:.1f} GFLOP/s; peak used: '
+        f'{peak:.1f} GFLOP/s ({"given" if args.peak_tflops else "the matmul"})\n')
   print('| model | px | grid | dtype | chunk rows | batch | step s | pairs/s | GFLOP/step | GFLOP/s '
-        '| / peak | compile s |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+        '| / peak | compile s | XLA temp GiB | args GiB | device peak GiB |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   if args.config:
     configs = [(spec, load_config(spec)) for spec in args.config.split(',')]
   else:
-    configs = [(f'{variant}_{size}_{dtype}_rows{rows}', benchmark_config(variant, size, dtype, 1, rows))
+    configs = [(f'{variant}_{size}_{dtype}_rows{rows}',
+                benchmark_config(variant, size, dtype, 1, rows, args.feature_stride))
                for variant in args.variants.split(',') for size in map(int, args.sizes.split(','))
                for dtype in args.dtypes.split(',') for rows in map(int, args.chunk_rows.split(','))]
   rows = []
@@ -259,13 +289,14 @@ def main():
     print(f'| {row["model"]} {row["variant"]} | {row["image_size"]} | {row["grid"]} | {row["dtype"]} | '
           f'{row["chunk_rows"] or "-"} | {row["batch"]} | {row["step_s"]:.3f} | {row["pairs_per_s"]:.2f} | '
           f'{row["gflop_per_step"]:.1f} | {row["gflops"]:.1f} | {row["fraction_of_peak"]:.3f} | '
-          f'{row["compile_s"]:.1f} |', flush=True)
+          f'{row["compile_s"]:.1f} | {row["temp_gib"]:.2f} | {row["argument_gib"]:.2f} | '
+          f'{row["peak_gib"]:.2f} |', flush=True)
     if args.profile:
       print_costs(name, row['costs_ms'])
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(machine=machine, date=time.strftime('%Y-%m-%d'), jax=jax.__version__,
-                     peak_gflops=peak, rows=rows), f, indent=2)
+                     peak_gflops=peak, matmul=matmul_name, matmul_gflops=matmul, rows=rows), f, indent=2)
 
 
 if __name__ == '__main__':
