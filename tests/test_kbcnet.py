@@ -93,6 +93,26 @@ def test_training_loss_transfers_every_annotated_source_instance():
   np.testing.assert_allclose(loss(dict(source, keypoints=outside)), 0., atol=1e-4)
 
 
+def test_training_loss_keeps_the_whole_image_soft_argmax_whatever_the_prediction_rule():
+  """model.transfer is how predictions are made; the loss's regression term always uses the whole-image
+  soft-argmax (its gradient reaches every target cell; see docs/training.md)."""
+  grid, size = 4, 32
+  scores = jax.random.normal(jax.random.key(0), (1, grid * grid, grid, grid))
+  kps = np.array([[[4., 4.], [20., 12.]]], np.float32)
+  valid = np.ones((1, 2), bool)
+  side = lambda k: {'keypoints': k[:, None], 'keypoint_valid': valid[:, None],
+                    'instance_valid': np.ones((1, 1), bool), 'image': None}
+  batch = {'source': side(kps), 'target': side(kps[:, ::-1])}
+  config = lambda transfer: ml_collections.ConfigDict(dict(
+      input=dict(image_size=size),
+      model=dict(transfer=transfer, beta=0.5, sigma=1., match_loss_weight=0.1)))
+  loss = lambda transfer: kbcnet.train_loss(lambda *_: scores, batch, config(transfer))[0]
+  predict = lambda transfer: kbcnet.predict_keypoints(scores, kps, valid, size, transfer=transfer,
+                                                      beta=0.5, sigma=1.)
+  assert np.abs(predict('soft_argmax') - predict('kernel_soft_argmax')).max() > 1  # the rules differ here
+  np.testing.assert_array_equal(loss('kernel_soft_argmax'), loss('soft_argmax'))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_scores():
   fields = kbcnet.decode_variant('kbcnet_tiny')
   image = jnp.full((1, 64, 64, 3), 128, jnp.uint8)
