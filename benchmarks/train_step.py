@@ -263,9 +263,8 @@ def main():
 
   device = jax.devices()[0]
   # The measured reference: float32 2048^3 on a CPU; on an accelerator bfloat16 8192^3, its fastest path.
-  on_cpu = device.platform == 'cpu'
-  matmul = matmul_gflops(2048, 'float32') if on_cpu else matmul_gflops(8192, 'bfloat16')
-  matmul_name = f'{"float32 2048" if on_cpu else "bfloat16 8192"}^3 matmul'
+  n, dtype = (2048, 'float32') if device.platform == 'cpu' else (8192, 'bfloat16')
+  matmul, matmul_name = matmul_gflops(n, dtype), f'{dtype} {n}^3 matmul'
   peak = args.peak_tflops * 1e3 if args.peak_tflops else matmul
   machine = f'{device.device_kind} x{jax.local_device_count()}, {os.cpu_count()} CPUs, {platform.processor()}'
   print(f'# {machine}; jax {jax.__version__}; {matmul_name} measured: {matmul:.1f} GFLOP/s; peak used: '
