@@ -34,7 +34,6 @@ import scipy.optimize
 
 from misc_jax.models import kbcnet
 from misc_jax.ops import conv4d
-from misc_jax.ops import correlation
 
 transfer_kwargs = kbcnet.transfer_kwargs
 _EPS = 1e-4  # the floor of a restricting mask: log(mask + _EPS)
@@ -74,8 +73,7 @@ class DualPath(nn.Module):
     b = source.shape[0]
     tokens = kbcnet.encode(self, source, target)  # [2B, H, W, S, dim]
     hw, scales = tokens.shape[1:3], tokens.shape[3]
-    corr = jnp.stack([correlation.correlation(tokens[:b, ..., s, :], tokens[b:, ..., s, :])
-                      for s in range(scales)], axis=-1)  # [B, H, W, H, W, S] float32
+    corr = kbcnet.correlate_tokens(tokens[:b], tokens[b:])  # [B, H, W, H, W, S] float32
     out = {}
     if self.coseg:
       mask_logits, objectness = self._coseg(tokens.reshape(2 * b, *hw, -1), corr)
@@ -86,8 +84,10 @@ class DualPath(nn.Module):
         corr = corr * fg[0][:, :, :, None, None, None] * fg[1][:, None, None, :, :, None]
     decoded = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
                                       self.decoder_groups, dtype, name='decoder')(corr)
-    refine = nn.Dense(1, dtype=dtype, name='refine_head')(decoded)[..., 0].astype(jnp.float32)
-    scores = nn.Dense(1, name='corr_head')(corr)[..., 0] + jax.image.resize(
+    inits = kbcnet.head_inits(scales)
+    refine = nn.Dense(1, dtype=dtype, kernel_init=inits['refine_head'], name='refine_head')(decoded)
+    refine = refine[..., 0].astype(jnp.float32)
+    scores = nn.Dense(1, kernel_init=inits['corr_head'], name='corr_head')(corr)[..., 0] + jax.image.resize(
         refine, corr.shape[:5], 'linear')
     out['scores'] = scores.reshape(b, hw[0] * hw[1], *hw)
     return out
