@@ -32,6 +32,25 @@ def test_tiny_variant_shapes_and_parameter_count():
     assert scores.shape == (2, n * n, n, n) and scores.dtype == jnp.float32
 
 
+def test_initial_scores_are_the_mean_token_cosine():
+  """At initialisation a cell's scores are the mean over scales of its tokens' cosines (the decoder's part
+  starts at zero): an image against itself scores 1 at the same cell and at most 1 elsewhere."""
+  model = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'))
+  image = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3)), jnp.uint8)
+  scores = model.apply(model.init(jax.random.key(0), image, image), image, image)  # [1, 64, 8, 8]
+  flat = np.asarray(scores).reshape(64, 64)
+  np.testing.assert_allclose(np.diag(flat), 1, atol=1e-3)
+  assert flat.max() <= 1 + 1e-3
+
+
+def test_token_correlation_keeps_negative_cosines():
+  """HSNet clamps its correlation at 0 (its features follow a ReLU); signed CSFA tokens must not be."""
+  tokens = jax.random.normal(jax.random.key(0), (1, 3, 3, 2, 8))
+  corr = kbcnet.correlate_tokens(tokens, -tokens)  # [1, 3, 3, 3, 3, 2]
+  same_cell = np.asarray(corr).reshape(9, 9, 2)[np.arange(9), np.arange(9)]
+  np.testing.assert_allclose(same_cell, -1, atol=1e-4)
+
+
 @pytest.mark.parametrize('variant,count', [('kbcnet_r50', 24_267_749), ('kbcnet_r101', 43_259_877)])
 def test_full_variants_initialise_from_shapes_in_seconds(variant, count):
   """kbcnet_r50: 24,267,749 parameters; kbcnet_r101: 43,259,877 (ResNet-101 without fc: 42.5M)."""
@@ -163,6 +182,9 @@ def test_chunked_decoder_gives_the_same_scores_and_gradients():
   params = plain.init(jax.random.key(0), source, target)['params']
   assert jax.tree.structure(params) == jax.tree.structure(
       chunked.init(jax.random.key(0), source, target)['params'])
+  # A refine head past initialisation: at its zero start the decoder would get no gradient to compare.
+  head = params['refine_head']
+  params = {**params, 'refine_head': {**head, 'kernel': jnp.full_like(head['kernel'], 0.5)}}
   loss = lambda model: jax.jit(jax.value_and_grad(
       lambda p: jnp.mean(jnp.tanh(model.apply({'params': p}, source, target)))))
   (l0, g0), (l1, g1) = loss(plain)(params), loss(chunked)(params)
