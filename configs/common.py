@@ -51,6 +51,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.freeze_stages = 0      # 0: train all; 1: freeze the stem; 2: stem and layer1; ...
   config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
   config.model.init_from = placeholder(str)      # another run's workdir: start from its params
+  config.model.init_from_checkpoint = 'latest'   # of that run: 'latest', 'best' or a step number
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-3

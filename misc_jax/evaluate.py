@@ -22,6 +22,7 @@ from etils import epath
 import jax
 import tensorflow as tf
 
+from misc_jax import rundir
 from misc_jax import train
 from tfds_builders import build
 
@@ -38,8 +39,9 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
   `overrides` sets dotted config fields ({'eval.objectness_threshold': 0.4}); `plot` writes the
   evaluator's picture of the first batch there.
   """
-  config = train.read_config(workdir)
-  config.update_from_flattened_dict(overrides or {})
+  config = rundir.read_config(workdir)
+  for key, value in (overrides or {}).items():
+    set_field(config, key, value)
   config.dataset.name = dataset or config.dataset.name
   config.dataset.data_dir = data_dir or config.dataset.data_dir
   config.eval.threshold = threshold or THRESHOLDS.get(config.dataset.name.split('/')[0], 'bbox')
@@ -60,14 +62,32 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
   metrics, first = evaluator.evaluate(train.replicate(state))
   if plot:
     evaluator.plot(first, plot)
+  options = {**({'threshold': threshold} if threshold else {}), **({'kbc': kbc} if kbc is not None else {}),
+             **(overrides or {})}
   return {'step': int(step), 'dataset': config.dataset.name, 'split': split,
-          'threshold': config.eval.threshold, 'kbc': bool(config.kbc.eval), **metrics}
+          'threshold': config.eval.threshold, 'kbc': bool(config.kbc.eval), 'options': options, **metrics}
+
+
+def set_field(config, key: str, value) -> None:
+  """config[key] = value for a dotted key; a key that names no field is refused with the valid ones."""
+  *parents, leaf = key.split('.')
+  node = config
+  for depth, part in enumerate(parents + [leaf]):
+    fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+    if part not in fields:
+      where = 'config' + ''.join(f'.{p}' for p in (parents + [leaf])[:depth])
+      raise ValueError(f'--set {key}: {where} has no field {part!r}; its fields: {", ".join(fields)}')
+    if depth < len(parents):
+      node = node[part]
+  node[leaf] = value
 
 
 def report_name(report: dict) -> str:
-  """The default file name of a report: <dataset>_<split>_step<N>.json, any slice made safe."""
-  safe = lambda s: re.sub(r'\W+', '_', s).strip('_')  # 'train[:200]' -> 'train_200'
-  return f'{safe(report["dataset"])}_{safe(report["split"])}_step{report["step"]}.json'
+  """The default file name of a report: <dataset>_<split>_step<N>, then the options that changed the
+  evaluation (--threshold, --kbc, --set), so that evaluations with other options do not overwrite it."""
+  safe = lambda s: re.sub(r'[^\w.=-]+', '_', str(s)).strip('_')  # 'train[:200]' -> 'train_200'
+  options = ''.join(f'_{safe(k)}={safe(v)}' for k, v in sorted(report.get('options', {}).items()))
+  return f'{safe(report["dataset"])}_{safe(report["split"])}_step{report["step"]}{options}.json'
 
 
 def category_table(report: dict) -> str:

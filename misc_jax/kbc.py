@@ -130,5 +130,5 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   trg_crop = (identity(source.shape[0]) if coarse is None
               else crop_for_config(coarse, src_valid, size, kbc_config))
   scores = apply(resample(source, src_crop), resample(target, trg_crop))
-  pred = from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop)
+  pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)
   return jnp.where(src_valid[..., None], pred, src_kps)

@@ -1,26 +1,33 @@
 r"""The main job: python -m misc_jax.main --config configs/synthetic.py --workdir runs/demo
 
-Builds the configured dataset if it is missing, writes the resolved config to `workdir/config.json`, a
-preview of the training data to `workdir/data_preview.png`, then trains and evaluates
-(misc_jax/train.py). Override any field: `--config.optim.lr=1e-4`.
+Checks the config against what the workdir already holds, builds the configured dataset if it is missing,
+writes the resolved config to `workdir/config.json`, a preview of the training data to
+`workdir/data_preview.png`, then trains and evaluates (misc_jax/train.py). Override any field:
+`--config.optim.lr=1e-4`. One run at a time per workdir (a second one is refused); running the same
+command again resumes.
 
 Several processes (one per host, or per GPU): `--multihost` lets `jax.distributed.initialize()` read the
 cluster from the environment (Cloud TPU, SLURM, ...); `--coordinator_address`, `--num_processes` and
 `--process_id` set it explicitly (e.g. two processes on one machine, over loopback).
 """
 
+import contextlib
+import difflib
+import importlib.util
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
 from misc_jax import input_pipeline
+from misc_jax import rundir
 from misc_jax import train
 from misc_jax import visualize
 from tfds_builders import build
@@ -40,6 +47,54 @@ def _quiet_orbax_info(record) -> bool:
   return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def unknown_override(config: ml_collections.ConfigDict, argv) -> str | None:
+  """The message for the first `--config.a.b=...` of argv that names no field of `config`, or None."""
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=')[0].split('.')
+    node = config
+    for depth, part in enumerate(path):
+      fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in fields:
+        where = 'config' + ''.join(f'.{p}' for p in path[:depth])
+        close = difflib.get_close_matches(part, fields, n=3)
+        hint = f'; did you mean {" or ".join(close)}?' if close else ''
+        return (f'{arg.split("=")[0]}: {where} has no field {part!r}{hint} Its fields: '
+                f'{", ".join(sorted(fields)) if fields else "(none: it is a value)"}')
+      node = node[part]
+  return None
+
+
+def _config_file(argv) -> str | None:
+  """The value of --config (`--config=FILE[:ARG]` or `--config FILE[:ARG]`) in argv."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a readable error for an override of a field the config does not have."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises bare AttributeErrors)
+    message = None
+    config_file = _config_file(argv)
+    if config_file:
+      try:
+        path, _, arg = config_file.partition(':')
+        spec = importlib.util.spec_from_file_location('_config_file', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        message = unknown_override(module.get_config(*([arg] if arg else [])), argv)
+      except Exception:  # pylint: disable=broad-except  (the config itself is bad: absl's message says so)
+        pass
+    sys.exit(f'FATAL Flags parsing error: {message or e}\nPass --helpfull to see help on flags.')
+
+
 def init_distributed() -> None:
   if _COORDINATOR.value:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # only used on CPU
@@ -50,13 +105,35 @@ def init_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def preview_data(config, workdir: str) -> None:
-  """Builds the dataset if needed and draws the first training batch."""
-  builder = build.build(config.dataset.name, config.dataset.data_dir)
-  for split, info in builder.info.splits.items():
-    logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)
+def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
+  """Refuses a config whose model does not fit the checkpoints already in `run_dir`, naming the config
+  fields that changed since the run began, before anything is written there."""
+  directory = rundir.absolute(run_dir) / 'checkpoints'
+  if not directory.exists():
+    return
+  with rundir.manager(directory) as mgr:
+    step = mgr.latest_step()
+    saved = rundir.saved_shapes(mgr, step) if step is not None else None
+  if saved is None:
+    return  # nothing saved, or the newest step is damaged: the resume falls back past it
+  diff = rundir.differences(rundir.shapes(train.state_shapes(config)), saved)
+  if not diff:
+    return
+  changed = []
+  with contextlib.suppress(FileNotFoundError):
+    changed = rundir.config_differences(rundir.read_config(run_dir), config)
+  raise ValueError(
+      f'{run_dir} holds checkpoints (step {step}) of a model that this config does not describe; nothing '
+      f'was written. Config fields changed since the run began: {"; ".join(changed) or "(no config.json)"}. '
+      f'First arrays that differ: {"; ".join(diff)}. Resume with the run\'s own settings, or use another '
+      '--workdir.')
+
+
+def preview_data(config, run_dir: str) -> None:
+  """Draws the first training batch (the dataset is built)."""
   batch = next(input_pipeline.train_iterator(config, to_device=False))
-  path = os.path.join(workdir, 'data_preview.png')
+  builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
+  path = os.path.join(run_dir, 'data_preview.png')
   visualize.save_pairs(batch, path, category_names=builder.info.features['category'].names)
   logging.info('Wrote %s', path)
 
@@ -67,13 +144,20 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; the accelerators belong to JAX.
   logging.get_absl_handler().addFilter(_quiet_orbax_info)
   init_distributed()
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    preview_data(config, workdir)
-  train.train_and_evaluate(config, workdir)
+  config, run_dir = _CONFIG.value, rundir.expand(_WORKDIR.value)
+  rundir.expand_paths(config)
+  train.check_config(config)
+  lead = jax.process_index() == 0
+  with rundir.lock(run_dir) if lead else contextlib.nullcontext():
+    if lead:
+      check_resumable(config, run_dir)
+      builder = build.build(config.dataset.name, config.dataset.data_dir)
+      for split, info in builder.info.splits.items():
+        logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)
+      rundir.write_config(config, run_dir)
+      preview_data(config, run_dir)
+    train.train_and_evaluate(config, run_dir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,7 +6,10 @@ r"""Transfers keypoints from a source image to a target image with a trained run
       --output out.json                         # a 4 x 4 grid of keypoints inside the box
   misc-jax-predict --workdir runs/demo --pairs pairs.csv --output_dir predictions/
 
-Writes the predicted target keypoints (JSON, target image pixels) and a PNG of the matches next to it.
+Writes the predicted target keypoints (JSON, target image pixels, always inside the image) and a PNG of the
+matches next to it. Coordinates refer to each image as displayed: EXIF orientation applied (a phone's
+portrait photo is upright), x to the right and y down from the top-left corner of the top-left pixel;
+16-bit images are scaled to 8 bits. Every input is read and checked before the model loads.
 Batch mode reads a CSV with the columns source, target and keypoints (a JSON file) or bbox
 ("x1,y1,x2,y2"); paths are relative to the CSV. Images are resized to the run's input size as in
 training. `--kbc` (default on) adds KBC's second pass on crops around the keypoints, for small objects.
@@ -24,8 +27,10 @@ import jax
 import matplotlib
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from misc_jax import kbc
+from misc_jax import rundir
 from misc_jax import train
 
 matplotlib.use('Agg')
@@ -34,6 +39,26 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
 _KEYPOINT_BLOCK = 32  # keypoint lists are padded to a multiple of this
+
+
+@dataclasses.dataclass
+class Pair:
+  """Two images resized to the network input, their original sizes (H, W), and source keypoints [N, 2]
+  in source pixels: a validated prediction request."""
+  source: np.ndarray
+  target: np.ndarray
+  source_hw: tuple[int, int]
+  target_hw: tuple[int, int]
+  keypoints: np.ndarray
+
+
+def read_pair(source_path: str, target_path: str, keypoints, size: int) -> Pair:
+  """Reads and checks one request (images decodable, keypoints inside the source image)."""
+  source, src_hw = load_image(source_path, size)
+  target, trg_hw = load_image(target_path, size)
+  keypoints = np.asarray(keypoints, np.float32).reshape(-1, 2)
+  check_keypoints(keypoints, src_hw, source_path)
+  return Pair(source, target, src_hw, trg_hw, keypoints)
 
 
 @dataclasses.dataclass
@@ -64,36 +89,50 @@ class Predictor:
 
   def __call__(self, source_path: str, target_path: str, keypoints, use_kbc: bool = True) -> np.ndarray:
     """Source keypoints [N, 2] (source pixels) -> target keypoints [N, 2] (target pixels)."""
+    return self.transfer(read_pair(source_path, target_path, keypoints, self.config.input.image_size),
+                         use_kbc)
+
+  def transfer(self, pair: Pair, use_kbc: bool = True) -> np.ndarray:
+    """The target keypoints [N, 2] of a read pair, in target pixels, inside the target image."""
     size = self.config.input.image_size
-    source, src_hw = load_image(source_path, size)
-    target, trg_hw = load_image(target_path, size)
-    keypoints = np.asarray(keypoints, np.float32).reshape(-1, 2)
-    check_keypoints(keypoints, src_hw, source_path)
     to_input = lambda hw: np.array([size / hw[1], size / hw[0]], np.float32)  # (sx, sy)
-    n = len(keypoints)
+    n = len(pair.keypoints)
     padded = -(-n // _KEYPOINT_BLOCK) * _KEYPOINT_BLOCK  # a few shapes, so few compilations
     kps = np.zeros((1, padded, 2), np.float32)
-    kps[0, :n] = keypoints * to_input(src_hw)
-    pred = self._transfer(source[None], target[None], kps, np.arange(padded)[None] < n, use_kbc=use_kbc)
-    return np.asarray(pred[0, :n]) / to_input(trg_hw)
+    kps[0, :n] = pair.keypoints * to_input(pair.source_hw)
+    pred = self._transfer(pair.source[None], pair.target[None], kps, np.arange(padded)[None] < n,
+                          use_kbc=use_kbc)
+    pred = np.asarray(pred[0, :n]) / to_input(pair.target_hw)
+    return np.clip(pred, 0, [pair.target_hw[1], pair.target_hw[0]])
 
 
 def _scores(out):
   return out['scores'] if isinstance(out, dict) else out  # the dual-path model also returns masks
 
 
-def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """An image file -> (uint8 [size, size, 3] resized as in training, its original (H, W))."""
+def read_image(path: str) -> np.ndarray:
+  """An image file as displayed -> uint8 RGB [H, W, 3]. Coordinates everywhere refer to this frame: EXIF
+  orientation applied (a phone's portrait photo is upright), x to the right and y down from the top-left
+  corner of the top-left pixel. 16-bit images are scaled to 8 bits (not clipped)."""
   try:
     with Image.open(path) as image:
-      image = image.convert('RGB')
-      hw = (image.height, image.width)
-      resized = image.resize((size, size), Image.BILINEAR)
+      image = ImageOps.exif_transpose(image)
+      if image.mode.startswith('I'):  # 16-bit ('I;16...') or 32-bit integer grey
+        grey = np.asarray(image, np.float64)
+        grey = grey / 257 if image.mode.startswith('I;16') or grey.max() > 255 else grey
+        return np.repeat(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None], 3, -1)
+      return np.asarray(image.convert('RGB'), np.uint8)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{path}: no such image') from e
   except OSError as e:
     raise ValueError(f'{path}: cannot decode the image ({e})') from e
-  return np.asarray(resized, np.uint8), hw
+
+
+def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """An image file -> (uint8 [size, size, 3] resized as in training, its (H, W) as displayed)."""
+  pixels = read_image(path)
+  resized = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
+  return np.asarray(resized, np.uint8), pixels.shape[:2]
 
 
 def check_keypoints(keypoints: np.ndarray, hw: tuple[int, int], path: str) -> None:
@@ -114,15 +153,28 @@ def read_keypoints(path: str) -> np.ndarray:
       data = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'{path}: cannot read the keypoints ({e})') from e
-  kps = np.asarray(data['keypoints'] if isinstance(data, dict) else data, np.float32)
+  if isinstance(data, dict):
+    if 'keypoints' not in data:
+      raise ValueError(f'{path}: expected [[x, y], ...] or {{"keypoints": [[x, y], ...]}}; the object has '
+                       f'the keys {sorted(data)}')
+    data = data['keypoints']
+  try:
+    kps = np.asarray(data, np.float64)
+  except (ValueError, TypeError):
+    raise ValueError(f'{path}: keypoints must be numbers, [[x, y], ...]; got {json.dumps(data)[:80]}') from None
   if kps.ndim != 2 or kps.shape[1] != 2:
     raise ValueError(f'{path}: expected [[x, y], ...], got an array of shape {kps.shape}')
-  return kps
+  return kps.astype(np.float32)
 
 
 def grid_in_box(box, n: int) -> np.ndarray:
   """n x n keypoints evenly inside box (x1, y1, x2, y2) (cell centres) -> [n * n, 2]."""
-  x1, y1, x2, y2 = (float(v) for v in box)
+  if len(box) != 4:
+    raise ValueError(f'bbox {",".join(map(str, box))}: expected 4 numbers x1,y1,x2,y2, got {len(box)}')
+  try:
+    x1, y1, x2, y2 = (float(v) for v in box)
+  except ValueError:
+    raise ValueError(f'bbox {",".join(map(str, box))}: expected 4 numbers x1,y1,x2,y2') from None
   if not (x2 > x1 and y2 > y1):
     raise ValueError(f'bbox {box}: expected x1,y1,x2,y2 with x2 > x1 and y2 > y1')
   t = (np.arange(n) + 0.5) / n
@@ -136,7 +188,7 @@ def save(source_path, target_path, src_kps, trg_kps, output: str) -> None:
   with open(output, 'w') as f:
     json.dump({'source': source_path, 'target': target_path, 'source_keypoints': src_kps.tolist(),
                'target_keypoints': trg_kps.tolist()}, f, indent=1)
-  images = [np.asarray(Image.open(p).convert('RGB')) for p in (source_path, target_path)]
+  images = [read_image(p) for p in (source_path, target_path)]
   fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
   colours = plt.get_cmap('hsv')(np.linspace(0, 1, len(src_kps), endpoint=False))
   for ax, image, kps, title in zip(axes, images, (src_kps, trg_kps), ('source', 'predicted target')):
@@ -155,11 +207,15 @@ def _source_keypoints(keypoints_path, bbox, grid):
   return read_keypoints(keypoints_path) if keypoints_path else grid_in_box(bbox, grid)
 
 
-def predict_pairs(predictor: Predictor, csv_path: str, output_dir: str, grid: int, use_kbc: bool):
-  """Batch mode: one JSON + PNG per CSV row, named by row number."""
+def read_pairs_csv(csv_path: str, grid: int, size: int) -> list[tuple[str, str, Pair]]:
+  """Batch mode's requests, all read and checked: (source path, target path, pair) per CSV row."""
   root = os.path.dirname(os.path.abspath(csv_path))
-  with open(csv_path, newline='') as f:
-    rows = list(csv.DictReader(f))
+  try:
+    with open(csv_path, newline='') as f:
+      rows = list(csv.DictReader(f))
+  except OSError as e:
+    raise FileNotFoundError(f'{csv_path}: cannot read the pairs ({e.strerror})') from e
+  requests = []
   for i, row in enumerate(rows):
     where = f'{csv_path} row {i + 2}'
     if not {'source', 'target'} <= set(row):
@@ -168,11 +224,18 @@ def predict_pairs(predictor: Predictor, csv_path: str, output_dir: str, grid: in
     try:
       bbox = row['bbox'].split(',') if row.get('bbox') else None
       kps = _source_keypoints(path('keypoints'), bbox, grid)
-      pred = predictor(path('source'), path('target'), kps, use_kbc)
+      requests.append((path('source'), path('target'), read_pair(path('source'), path('target'), kps, size)))
     except (ValueError, FileNotFoundError) as e:
       raise type(e)(f'{where}: {e}') from e
-    save(path('source'), path('target'), kps, pred, os.path.join(output_dir, f'{i:05d}.json'))
-  logging.info('Wrote %d predictions to %s', len(rows), output_dir)
+  return requests
+
+
+def predict_pairs(predictor: Predictor, requests, output_dir: str, use_kbc: bool):
+  """Batch mode: one JSON + PNG per request, named by its row number."""
+  for i, (source, target, pair) in enumerate(requests):
+    save(source, target, pair.keypoints, predictor.transfer(pair, use_kbc),
+         os.path.join(output_dir, f'{i:05d}.json'))
+  logging.info('Wrote %d predictions to %s', len(requests), output_dir)
 
 
 def _define_flags():
@@ -195,15 +258,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  # Every input is read and checked before the model loads (which takes a while).
+  size = rundir.read_config(f.workdir).input.image_size
+  rundir.parse_checkpoint(f.checkpoint)
+  if f.pairs:
+    requests = read_pairs_csv(f.pairs, f.grid, size)
+  elif f.source and f.target:
+    kps = _source_keypoints(f.keypoints, f.bbox, f.grid)
+    requests = [(f.source, f.target, read_pair(f.source, f.target, kps, size))]
+  else:
+    raise app.UsageError('give --source and --target (or --pairs)')
   predictor = Predictor.load(f.workdir, f.checkpoint)
   if f.pairs:
-    predict_pairs(predictor, f.pairs, f.output_dir, f.grid, f.kbc)
+    predict_pairs(predictor, requests, f.output_dir, f.kbc)
     return
-  if not (f.source and f.target):
-    raise app.UsageError('give --source and --target (or --pairs)')
-  kps = _source_keypoints(f.keypoints, f.bbox, f.grid)
-  pred = predictor(f.source, f.target, kps, f.kbc)
-  save(f.source, f.target, kps, pred, f.output)
+  source, target, pair = requests[0]
+  save(source, target, pair.keypoints, predictor.transfer(pair, f.kbc), f.output)
   logging.info('Wrote %s and its PNG', f.output)
 
 

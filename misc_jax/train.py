@@ -31,6 +31,7 @@ import tqdm
 from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import optim
+from misc_jax import rundir
 from misc_jax import visualize
 from tfds_builders import build
 
@@ -45,9 +46,50 @@ def create_model(config):
   return module, module.from_config(config.model)
 
 
-def _load_backbone(path: str):
-  """A converted backbone (misc_jax.tools.convert_resnet: msgpack of {'params', 'batch_stats'})."""
-  return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+def load_backbone(path: str) -> dict:
+  """A converted backbone (misc_jax.tools.convert_resnet: msgpack of {'params', 'batch_stats'}); errors
+  name the file."""
+  try:
+    data = epath.Path(path).read_bytes()
+  except FileNotFoundError:
+    raise FileNotFoundError(f'config.model.backbone_init: {path} does not exist') from None
+  except OSError as e:
+    raise OSError(f'config.model.backbone_init: cannot read {path} ({e.strerror})') from e
+  try:
+    backbone = flax.serialization.msgpack_restore(data)
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises several unrelated types)
+    raise ValueError(f'config.model.backbone_init: {path} is not a converted backbone (a msgpack file '
+                     f'from misc_jax.tools.convert_resnet): {type(e).__name__}: {e}') from None
+  if not isinstance(backbone, dict) or 'params' not in backbone:
+    raise ValueError(f'config.model.backbone_init: {path} holds no "params": not a converted backbone')
+  return backbone
+
+
+_MSGPACK_MAP = (*range(0x80, 0x90), 0xde, 0xdf)  # first byte of a msgpack map (fixmap, map 16, map 32)
+
+
+def check_config(config) -> None:
+  """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a global
+  batch the devices do not divide, a backbone file that is missing or not a converted backbone, an
+  init_from run without checkpoints, a BatchNorm backbone that would train from random weights."""
+  devices, batch = jax.device_count(), config.batch_size
+  if batch % devices:
+    raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
+                     f'devices: set it to a multiple of {devices}, e.g. {devices * max(1, batch // devices)}')
+  m = config.model
+  if m.backbone_init:
+    try:
+      with epath.Path(m.backbone_init).open('rb') as f:
+        first = f.read(1)
+    except FileNotFoundError:
+      raise FileNotFoundError(f'config.model.backbone_init: {m.backbone_init} does not exist') from None
+    except OSError as e:
+      raise OSError(f'config.model.backbone_init: cannot read {m.backbone_init} ({e.strerror})') from e
+    if not first or first[0] not in _MSGPACK_MAP:
+      raise ValueError(f'config.model.backbone_init: {m.backbone_init} is not a converted backbone (a '
+                       'msgpack file from misc_jax.tools.convert_resnet)')
+  if m.init_from and not (rundir.absolute(m.init_from) / 'checkpoints').exists():
+    raise FileNotFoundError(f'config.model.init_from: {m.init_from} holds no checkpoints/ folder')
 
 
 def _merge_backbone(variables, backbone, source: str):
@@ -65,27 +107,34 @@ def _merge_backbone(variables, backbone, source: str):
   return variables
 
 
-def _absolute(path: str) -> epath.Path:
-  """Orbax needs absolute paths; URLs (gs://...) are left alone."""
-  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+def _fresh_state(config, model) -> optim.TrainState:
+  size = config.input.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.uint8)
+  variables = flax.core.unfreeze(model.init(jax.random.key(config.seed), images, images))
+  return optim.create_train_state(config, model.apply, variables)
+
+
+def state_shapes(config) -> optim.TrainState:
+  """The train state's abstract shapes (nothing is computed or read)."""
+  return jax.eval_shape(lambda: _fresh_state(config, create_model(config)[1]))
 
 
 def initial_state(config, model) -> optim.TrainState:
   """Fresh parameters, then config.model.backbone_init (a converted backbone) and config.model.init_from
-  (another run's workdir: its latest params and statistics) when set."""
-  size = config.input.image_size
-  images = jnp.zeros((1, size, size, 3), jnp.uint8)
-  variables = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(config.seed), images, images))
+  (another run's workdir: the params and statistics of its checkpoint config.model.init_from_checkpoint,
+  'latest', 'best' or a step) when set."""
+  state = jax.jit(lambda: _fresh_state(config, model))()
   if config.model.backbone_init:
-    variables = _merge_backbone(variables, _load_backbone(config.model.backbone_init),
-                                config.model.backbone_init)
-  state = optim.create_train_state(config, model.apply, variables)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = _merge_backbone(flax.core.unfreeze(jax.device_get(variables)),
+                                load_backbone(config.model.backbone_init), config.model.backbone_init)
+    state = optim.create_train_state(config, model.apply, variables)
   if config.model.init_from:
-    path = _absolute(config.model.init_from) / 'checkpoints'
-    with ocp.CheckpointManager(path) as mgr:
-      if mgr.latest_step() is None:
-        raise FileNotFoundError(f'config.model.init_from: no checkpoint in {path}')
-      other = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(jax.device_get(state)))
+    try:
+      other, _ = rundir.restore_run(config.model.init_from, config.model.init_from_checkpoint,
+                                     jax.device_get(state))
+    except (FileNotFoundError, ValueError, rundir.DamagedCheckpointError) as e:
+      raise type(e)(f'config.model.init_from: {e}') from e
     state = state.replace(params=other.params, batch_stats=other.batch_stats)
   return state
 
@@ -156,18 +205,35 @@ class _Preemption:
     self.requested = True
 
 
-def _checkpoint_managers(config, workdir):
+def _checkpoint_managers(config, run_dir):
   """The latest `config.keep_checkpoints` steps and the best evaluated one. Both may save the same step
   at once: across processes their barriers are told apart by a per-manager key prefix."""
   def opts(name, **kw):
-    return ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=True, create=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name), **kw)
-  latest = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
-                                 options=opts('latest', max_to_keep=config.keep_checkpoints))
-  best = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints_best', options=opts(
+    return dict(enable_async_checkpointing=True, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name), **kw)
+  latest = rundir.manager(run_dir / 'checkpoints', **opts('latest', max_to_keep=config.keep_checkpoints))
+  best = rundir.manager(run_dir / 'checkpoints_best', **opts(
       'best', max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
   return latest, best
+
+
+def _resume(state, run_dir):
+  """(state, step) of the newest checkpoint of run_dir that restores, or (state, 0). Damaged newer steps
+  are named in a warning and moved aside (rundir.set_aside), so the run can save those steps again."""
+  directory = run_dir / 'checkpoints'
+  if not directory.exists():
+    return state, 0
+  with rundir.manager(directory) as mgr:
+    restored, step, damaged = rundir.restore_newest(mgr, jax.device_get(state))
+  if damaged:
+    if jax.process_index() == 0:
+      rundir.set_aside(directory, damaged)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+  if restored is None:
+    return state, 0
+  logging.info('Resumed from %s at step %d.', directory, step)
+  return restored, step
 
 
 def evaluator_for(config, model_module, split: str, category_names):
@@ -176,43 +242,23 @@ def evaluator_for(config, model_module, split: str, category_names):
   return module.Evaluator(config, model_module, split, category_names)
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (workdir/config.json, written by misc_jax.main)."""
-  path = _absolute(workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a misc_jax workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_run(workdir: str, checkpoint: str = 'latest', config: ml_collections.ConfigDict | None = None):
+def load_run(run_dir: str, checkpoint='latest', config: ml_collections.ConfigDict | None = None):
   """A finished or running run: (config, model module, restored state, step).
 
-  `checkpoint` is 'latest', 'best' (the best evaluated step) or a step number; `config` defaults to
-  `read_config(workdir)`. Errors name the workdir: no config.json, no such checkpoint, or a checkpoint
-  that does not fit the config's model.
+  `checkpoint` is 'latest' (the newest step that restores; damaged newer ones are named in a warning),
+  'best' (the best evaluated step) or a step number; `config` defaults to the run's config.json. Errors
+  name the run: no config.json, no such checkpoint, a damaged one, or one that does not fit the model.
   """
-  config = config or read_config(workdir)
-  directory = _absolute(workdir) / ('checkpoints_best' if checkpoint == 'best' else 'checkpoints')
-  misfit = f'{directory}: the checkpoint does not fit the model that {workdir}/config.json describes'
-  with ocp.CheckpointManager(directory) as mgr:
-    steps = mgr.all_steps()
-    step = mgr.latest_step() if checkpoint in ('latest', 'best') else int(checkpoint)
-    if step is None or step not in steps:
-      raise FileNotFoundError(f'no checkpoint {checkpoint!r} in {directory} (steps there: {steps})')
-    config.model.init_from = config.model.backbone_init = None  # the checkpoint holds every parameter
-    model_module, model = create_model(config)
-    target = jax.device_get(initial_state(config, model))
-    try:
-      state = mgr.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'{misfit} ({type(e).__name__}: {str(e)[:300]})') from e
-  # Orbax restores arrays of any shape into the target: compare them here.
-  shapes = lambda tree: {jax.tree_util.keystr(k): np.shape(v)
-                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  expected, got = shapes(target), shapes(state)
-  if expected != got:
-    diff = sorted(set(expected.items()) ^ set(got.items()))[:2]
-    raise ValueError(f'{misfit} (first differences, as (parameter, shape): {diff})')
+  rundir.parse_checkpoint(checkpoint)  # a bad name fails before the model is built
+  config = config or rundir.read_config(run_dir)
+  config.model.init_from = config.model.backbone_init = None  # the checkpoint holds every parameter
+  model_module, model = create_model(config)
+  target = jax.device_get(initial_state(config, model))
+  try:
+    state, step = rundir.restore_run(run_dir, checkpoint, target)
+  except rundir.CheckpointMismatchError as e:
+    raise ValueError(f'{run_dir}: the checkpoint does not fit the model that {run_dir}/config.json '
+                     f'describes (first differences: {e})') from e
   return config, model_module, state, step
 
 
@@ -233,9 +279,10 @@ def _host_metrics(pending):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.total_steps` steps (resuming from workdir if it holds a checkpoint), evaluating
   every config.eval_every_steps and at the end. Returns the last evaluation's metrics."""
-  workdir = _absolute(workdir)
+  check_config(config)
+  run_dir = rundir.absolute(workdir)
   lead = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
+  writer = metric_writers.create_default_writer(str(run_dir), just_logging=not lead)
   if lead:
     build.build(config.dataset.name, config.dataset.data_dir)  # no-op when it is already built
   if jax.process_count() > 1:
@@ -245,12 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model, optimiser, restore.
   model_module, model = create_model(config)
-  state = initial_state(config, model)
-  latest_mgr, best_mgr = _checkpoint_managers(config, workdir)
-  start = latest_mgr.latest_step() or 0
-  if start:
-    state = latest_mgr.restore(start, args=ocp.args.StandardRestore(jax.device_get(state)))
-    logging.info('Resumed from %s at step %d.', latest_mgr.directory, start)
+  state, start = _resume(initial_state(config, model), run_dir)
+  latest_mgr, best_mgr = _checkpoint_managers(config, run_dir)
   p_state = replicate(state)
   rng = replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
   p_train_step = jax.pmap(
@@ -271,52 +314,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_scalars(step, scalars)
     logging.info('step %d %s: %s', step, config.dataset.eval_split, json.dumps(scalars))
     if lead:
-      (workdir / 'eval').mkdir(exist_ok=True)
-      (workdir / 'eval' / f'{config.dataset.eval_split}_{step:08d}.json').write_text(
+      (run_dir / 'eval').mkdir(exist_ok=True)
+      (run_dir / 'eval' / f'{config.dataset.eval_split}_{step:08d}.json').write_text(
           json.dumps(dict(step=step, split=config.dataset.eval_split, **metrics), indent=2))
-      evaluator.plot(first, str(workdir / 'predictions.png'))
+      evaluator.plot(first, str(run_dir / 'predictions.png'))
     return metrics
 
-  # Loop.
-  preemption = _Preemption()
-  batches = input_pipeline.train_iterator(config, start_step=start) if start < config.total_steps \
-      else iter(())
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
-  bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
-                  dynamic_ncols=True)
-  pending, metrics, stop = [], {}, False
-  for step in range(start + 1, config.total_steps + 1):
-    p_state, step_metrics = p_train_step(p_state, next(batches), rng)
-    pending.append(step_metrics)
-    bar.update()
-    report(step)
-    stop = preemption.requested  # read once: a SIGTERM may land anywhere in this iteration
-    is_last = step == config.total_steps
-    log_now = step % config.log_every_steps == 0 or is_last or stop
-    eval_now = step % config.eval_every_steps == 0 or is_last
-    save_now = step % config.checkpoint_every_steps == 0 or is_last or stop
-    if log_now or eval_now or save_now:
-      train = _host_metrics(pending)
-      pending = []
-      if not all(np.isfinite(v) for v in train.values()):
-        raise FloatingPointError(
-            f'non-finite training metrics at step {step}: {train}; the last good checkpoint '
-            f'(step {latest_mgr.latest_step()}) is kept in {latest_mgr.directory}')
-      writer.write_scalars(step, {f'train/{k}': v for k, v in train.items()})
-      bar.set_postfix(loss=f'{train["loss"]:.4f}')
-    if eval_now:
-      metrics = evaluate(step)
-    if save_now:
-      save(step, {config.eval.best_metric: metrics[config.eval.best_metric]} if eval_now else None)
-    if stop:
-      logging.warning('Saved step %d after SIGTERM; stopping.', step)
-      break
-  bar.close()
-  if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)
-    metrics = evaluate(start)
-  latest_mgr.wait_until_finished()
-  best_mgr.wait_until_finished()
+  # Loop. The managers are closed (pending saves finished) however the loop ends.
+  with latest_mgr, best_mgr:
+    preemption = _Preemption()
+    batches = input_pipeline.train_iterator(config, start_step=start) if start < config.total_steps \
+        else iter(())
+    report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+    bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
+                    dynamic_ncols=True)
+    pending, metrics, stop = [], {}, False
+    for step in range(start + 1, config.total_steps + 1):
+      p_state, step_metrics = p_train_step(p_state, next(batches), rng)
+      pending.append(step_metrics)
+      bar.update()
+      report(step)
+      stop = preemption.requested  # read once: a SIGTERM may land anywhere in this iteration
+      is_last = step == config.total_steps
+      log_now = step % config.log_every_steps == 0 or is_last or stop
+      eval_now = step % config.eval_every_steps == 0 or is_last
+      save_now = step % config.checkpoint_every_steps == 0 or is_last or stop
+      if log_now or eval_now or save_now:
+        train = _host_metrics(pending)
+        pending = []
+        if not all(np.isfinite(v) for v in train.values()):
+          raise FloatingPointError(
+              f'non-finite training metrics at step {step}: {train}; the last good checkpoint '
+              f'(step {latest_mgr.latest_step()}) is kept in {latest_mgr.directory}')
+        writer.write_scalars(step, {f'train/{k}': v for k, v in train.items()})
+        bar.set_postfix(loss=f'{train["loss"]:.4f}')
+      if eval_now:
+        metrics = evaluate(step)
+      if save_now:
+        save(step, {config.eval.best_metric: metrics[config.eval.best_metric]} if eval_now else None)
+      if stop:
+        logging.warning('Saved step %d after SIGTERM; stopping.', step)
+        break
+    bar.close()
+    if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)
+      metrics = evaluate(start)
   writer.flush()
   if lead and not stop:
-    visualize.plot_learning_curve(str(workdir), str(workdir / 'learning_curve.png'))
+    visualize.plot_learning_curve(str(run_dir), str(run_dir / 'learning_curve.png'))
   return metrics

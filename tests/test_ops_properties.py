@@ -146,3 +146,14 @@ def test_chunked_stack_is_identical_and_uses_less_memory():
   assert temp(_chunked(stack, 1)) < 0.5 * temp(plain)
   with pytest.raises(ValueError, match='chunk_rows=3 must divide the source height 8'):
     _chunked(stack, 3)(params, x)
+
+
+def test_center_pivot_conv_refuses_branches_of_different_shapes():
+  """Padding 0 on the target dims with a 3-wide kernel: the target branch shrinks them, the source branch
+  keeps them. HSNet then sums and squeezes to a 4D tensor; we refuse instead of broadcasting to 6D."""
+  x = jnp.ones((1, 5, 5, 5, 5, 2))
+  conv = conv4d.CenterPivotConv4d(4, (3, 3, 3, 3), padding=(1, 1, 0, 0))
+  with pytest.raises(ValueError, match=r'the source branch gives \(1, 5, 5, 5, 5, 4\) and the target '
+                                       r'branch \(1, 5, 5, 3, 3, 4\)'):
+    conv.init(jax.random.key(0), x)
+  assert conv4d.CenterPivotConv4d(4, (3, 3, 3, 3), (1, 1, 2, 2)).init(jax.random.key(0), x)  # the default

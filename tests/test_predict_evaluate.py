@@ -91,8 +91,8 @@ def test_predict_writes_keypoints_and_a_picture(predictor, images, tmp_path):
   (tmp_path / 'pairs.csv').write_text('source,target,keypoints,bbox\n'
                                        'source.png,target.png,kps.json,\n'
                                        'source.png,target.png,,"4,4,40,30"\n')
-  predict.predict_pairs(predictor, str(tmp_path / 'pairs.csv'), str(tmp_path / 'batch'), grid=3,
-                        use_kbc=True)
+  requests = predict.read_pairs_csv(str(tmp_path / 'pairs.csv'), grid=3, size=64)
+  predict.predict_pairs(predictor, requests, str(tmp_path / 'batch'), use_kbc=True)
   second = json.loads((tmp_path / 'batch' / '00001.json').read_text())
   assert np.asarray(second['target_keypoints']).shape == (9, 2)
   assert (tmp_path / 'batch' / '00000.png').exists()
@@ -123,3 +123,101 @@ def test_predict_bad_inputs_are_named(run_dir, predictor, images, tmp_path):
   os.symlink(run_dir / 'checkpoints', other / 'checkpoints')
   with pytest.raises(ValueError, match='does not fit the model'):
     predict.Predictor.load(str(other))
+
+
+def test_evaluate_refuses_unknown_fields_and_names_reports_by_their_options(run_dir, tiny_data_dir):
+  with pytest.raises(ValueError, match="--set model.nosuch: config.model has no field 'nosuch'; its fields:"):
+    evaluate.evaluate(str(run_dir), split='validation', data_dir=tiny_data_dir,
+                      overrides={'model.nosuch': 1})
+  with pytest.raises(ValueError, match="config has no field 'modle'"):
+    evaluate.evaluate(str(run_dir), split='validation', data_dir=tiny_data_dir,
+                      overrides={'modle.beta': 1})
+  plain = evaluate.evaluate(str(run_dir), split='validation[:1]', data_dir=tiny_data_dir)
+  other = evaluate.evaluate(str(run_dir), split='validation[:1]', data_dir=tiny_data_dir, kbc=True,
+                            threshold='image', overrides={'model.sigma': 2.0})
+  assert other['options'] == {'kbc': True, 'threshold': 'image', 'model.sigma': 2.0}
+  names = {evaluate.report_name(plain), evaluate.report_name(other)}
+  assert names == {'synthetic_misc_tiny_validation_1_step6.json',
+                   'synthetic_misc_tiny_validation_1_step6_kbc=True_model.sigma=2.0_threshold=image.json'}
+
+
+def test_unknown_names_are_refused_with_the_valid_choices(run_dir):
+  from tfds_builders import build  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="unknown dataset 'spair'; the datasets are misc210k, pf_pascal"):
+    build.get_builder('spair')
+  with pytest.raises(ValueError, match="synthetic_misc has no config 'huge'; its configs are default, "
+                                       "small_objects, tiny"):
+    build.get_builder('synthetic_misc/huge')
+  with pytest.raises(ValueError, match="checkpoint 'bset': expected \"latest\", \"best\" or a step number"):
+    predict.Predictor.load(str(run_dir), 'bset')
+
+
+def test_predictions_stay_inside_the_target_image():
+  """A volume whose read-out extrapolates past the last cell (source cell 14 maps to target cell 10,
+  cell 15 to 15): a keypoint at the right border would land 15 px outside the 128 px image."""
+  from misc_jax.models import kbcnet  # pylint: disable=g-import-not-at-top
+  grid, size = 16, 128
+  target_cell = np.arange(grid)
+  target_cell[14] = 10
+  scores = np.zeros((1, grid, grid, grid, grid), np.float32)  # [B, Ha, Wa, Hb, Wb]
+  for y in range(grid):
+    for x in range(grid):
+      scores[0, y, x, y, target_cell[x]] = 1.
+  kps = np.array([[[127.9, 60.], [64., 64.]]], np.float32)
+  pred = kbcnet.predict_keypoints(scores.reshape(1, grid * grid, grid, grid), kps, np.ones((1, 2), bool),
+                                  size, beta=1e-3)
+  assert (pred >= 0).all() and (pred <= size).all()
+  np.testing.assert_allclose(pred[0, 0, 0], size)  # clamped at the border, not dropped
+  np.testing.assert_allclose(pred[0, 1], [64., 64.], atol=1e-3)
+
+
+def test_sixteen_bit_and_exif_rotated_images_are_read_as_displayed(tmp_path):
+  grey = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (20, 1))  # a left-to-right ramp
+  Image.fromarray(grey).save(tmp_path / 'ramp16.png')
+  pixels = predict.read_image(str(tmp_path / 'ramp16.png'))
+  assert pixels.shape == (20, 40, 3) and pixels.dtype == np.uint8
+  np.testing.assert_allclose(pixels[0, :, 0], np.linspace(0, 255, 40), atol=1)  # scaled, not clipped
+  # A phone photo stored landscape (40 x 20, red on the left) with EXIF orientation 6 (rotate 90 CW).
+  stored = np.zeros((20, 40, 3), np.uint8)
+  stored[:, :10] = (255, 0, 0)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(stored).save(tmp_path / 'phone.jpg', exif=exif, quality=95)
+  pixels = predict.read_image(str(tmp_path / 'phone.jpg'))
+  assert pixels.shape == (40, 20, 3)  # upright: portrait
+  assert pixels[:10, :, 0].mean() > 200 and pixels[30:, :, 0].mean() < 60  # the red strip is on top
+  resized, hw = predict.load_image(str(tmp_path / 'phone.jpg'), 64)
+  assert resized.shape == (64, 64, 3) and hw == (40, 20)
+
+
+def test_keypoint_and_box_inputs_are_checked_with_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match='bbox 10,20,90: expected 4 numbers x1,y1,x2,y2, got 3'):
+    predict.grid_in_box(['10', '20', '90'], 3)
+  with pytest.raises(ValueError, match='bbox 10,a,90,30: expected 4 numbers'):
+    predict.grid_in_box(['10', 'a', '90', '30'], 3)
+  (tmp_path / 'key.json').write_text('{"points": [[1, 2]]}')
+  with pytest.raises(ValueError, match=r"key.json: expected .* the object has the keys \['points'\]"):
+    predict.read_keypoints(str(tmp_path / 'key.json'))
+  (tmp_path / 'strings.json').write_text('{"keypoints": [["1", "x"]]}')
+  with pytest.raises(ValueError, match='strings.json: keypoints must be numbers'):
+    predict.read_keypoints(str(tmp_path / 'strings.json'))
+
+
+def test_predict_checks_its_inputs_before_loading_the_model(run_dir, images, tmp_path):
+  """A run folder with config.json but no checkpoint: a bad input must be reported, not the missing
+  checkpoint, so the inputs were read before the model."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (source, target), _ = images
+  no_model = tmp_path / 'no_model'
+  no_model.mkdir()
+  (no_model / 'config.json').write_text((run_dir / 'config.json').read_text())
+  (tmp_path / 'kps.json').write_text('[[1, 2], [900, 3]]')
+  result = subprocess.run(
+      [sys.executable, '-m', 'misc_jax.predict', f'--workdir={no_model}', f'--source={source}',
+       f'--target={target}', f'--keypoints={tmp_path / "kps.json"}'],
+      capture_output=True, text=True, timeout=300, check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert 'source keypoint 1 [900.0, 3.0] lies outside' in result.stderr, result.stderr[-2000:]
+  assert 'no checkpoint' not in result.stderr

@@ -266,3 +266,44 @@ def test_a_random_model_evaluates_on_every_dataset(name, data_dir, random_model)
   if name == 'spair71k':
     truncation = metrics['per_attribute']['truncation']
     assert {level: v['num_pairs'] for level, v in truncation.items()} == {'0': 1, '3': 1}
+
+
+def test_pf_pascal_chm_validation_and_test_files_have_no_flip_column(data_dir):
+  """As in the release, only trn_pairs.csv has `flip`; val and test carry XA, YA, XB, YB instead, which
+  this flavour ignores (keypoints come from the .mat files)."""
+  with open(os.path.join(_dummy('pf_pascal'), 'val_pairs.csv')) as f:
+    assert f.readline().strip() == 'source_image,target_image,class,XA,YA,XB,YB'
+  pair = _pairs('pf_pascal/chm', data_dir, 'validation')['00000-2007_000003-2007_000001']
+  np.testing.assert_array_equal(pair['source']['keypoints'][0, [0, 1, 3]], [[3, 4], [8, 9], [25, 35]])
+  np.testing.assert_array_equal(pair['source']['keypoint_visible'][0, :4], [1, 1, 0, 1])  # 2: NaN in 1
+  np.testing.assert_array_equal(pair['target']['keypoints'][0, 0], [5, 6])  # not mirrored
+
+
+def _reorder_columns(path, order):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(path, newline='') as f:
+    rows = list(csv.reader(f))
+  index = [rows[0].index(name) for name in order]
+  with open(path, 'w', newline='') as f:
+    csv.writer(f).writerows([[row[i] for i in index] for row in rows])
+
+
+def test_csv_files_are_read_by_their_column_names(data_dir, tmp_path):
+  for name, files in (('pf_pascal/chm', ('trn_pairs.csv', 'test_pairs.csv')), ('pf_willow', ('test_pairs.csv',))):
+    manual = tmp_path / name.split('/')[0]
+    shutil.copytree(_dummy(name), manual)
+    for csv_name in files:
+      with open(manual / csv_name) as f:
+        header = f.readline().strip().split(',')
+      _reorder_columns(manual / csv_name, header[::-1])  # every column moved
+    records = str(tmp_path / 'records')
+    build.build(name, records, manual_dir=str(manual))
+    for split in build.get_builder(name, records).info.splits:
+      ours, original = _pairs(name, records, split), _pairs(name, data_dir, split)
+      assert set(ours) == set(original), name
+      for key in ours:
+        for side in ('source', 'target'):
+          np.testing.assert_array_equal(ours[key][side]['keypoints'], original[key][side]['keypoints'])
+  _reorder_columns(manual / 'test_pairs.csv', [c for c in header if c != 'YB7'])
+  with pytest.raises(features.InvalidExampleError, match='test_pairs.csv: field YB7: no such column'):
+    build.build('pf_willow', str(tmp_path / 'other'), manual_dir=str(manual))

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from misc_jax import rundir
 from misc_jax import train
 from misc_jax import visualize
 
@@ -112,13 +113,16 @@ def test_two_processes_give_the_same_losses_as_one(reference, tiny_data_dir, tmp
   np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-4)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tiny_data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_and_a_second_run_is_refused(tiny_data_dir, tmp_path):
   workdir = tmp_path / 'preempted'
   proc = _main(workdir, tiny_data_dir, total_steps=10_000, checkpoint_every_steps=10_000,
                eval_every_steps=10_000)
   while 'train/loss' not in open(f'{workdir}.log').read():
     assert proc.poll() is None, open(f'{workdir}.log').read()[-3000:]
     time.sleep(0.2)
+  second = _main(workdir, tiny_data_dir, log_name=tmp_path / 'second')  # the same workdir: refused
+  assert second.wait(300) != 0
+  assert 'is in use by another run (pid' in open(f'{tmp_path / "second"}.log').read()
   proc.send_signal(signal.SIGTERM)
   _finish(proc, workdir)
   steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir()]
@@ -143,3 +147,45 @@ def test_evaluation_only_run_from_another_workdir_reproduces_its_pck(reference, 
   metrics = train.train_and_evaluate(config, str(tmp_path / 'eval_only'))
   assert metrics['pck@0.1'] == pytest.approx(reference[1]['pck@0.1'], abs=1e-6)
   assert metrics['num_pairs'] == reference[1]['num_pairs']
+
+
+def test_a_resume_with_another_model_is_refused_and_keeps_the_run_config(reference, tiny_data_dir,
+                                                                           tmp_path):
+  workdir = tmp_path / 'changed'
+  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
+  shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
+  before = (workdir / 'config.json').read_text()
+  proc = _main(workdir, tiny_data_dir, **{'model.csfa_dim': 48})
+  assert proc.wait(300) != 0
+  log = open(f'{workdir}.log').read()
+  assert 'holds checkpoints (step 6) of a model that this config does not describe' in log, log[-3000:]
+  assert 'model.csfa_dim: 32 -> 48' in log and 'params/csfa/Dense_0/bias: model (96,), checkpoint (64,)' in log
+  assert (workdir / 'config.json').read_text() == before  # the run's own config is untouched
+
+
+def _truncate_arrays(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 10_000:  # the array data files
+        with open(path, 'r+b') as f:
+          f.truncate(100)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(reference, smoke_config,
+                                                                            tmp_path, caplog):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
+  shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
+  _truncate_arrays(workdir / 'checkpoints' / '6')
+  # Evaluation: 'latest' falls back to step 5 and names step 6; step 6 itself is reported as damaged.
+  assert train.load_run(str(workdir))[3] == 5
+  assert 'checkpoint step 6' in caplog.text and 'is damaged' in caplog.text
+  with pytest.raises(rundir.DamagedCheckpointError, match='checkpoint step 6 .* is damaged'):
+    train.load_run(str(workdir), '6')
+  # Training resumes from step 5, sets step 6 aside and trains it again: the uninterrupted run's result.
+  config = _configure(smoke_config, total_steps=STEPS)
+  train.train_and_evaluate(config, str(workdir))
+  assert (workdir / 'checkpoints_damaged' / '6').exists()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+               _params(workdir), _params(reference[0]))

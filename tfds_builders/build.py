@@ -43,14 +43,27 @@ class _DownloadConfig(tfds.download.DownloadConfig):
     return _ShardConfig(max_shard_size=self.max_shard_size)
 
 
+def datasets() -> list[str]:
+  """The datasets of this package: its sub-packages."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return sorted(d for d in os.listdir(here) if os.path.exists(os.path.join(here, d, '__init__.py')))
+
+
 def get_builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.DatasetBuilder:
   """Imports `tfds_builders.<dataset>` (registering it) and returns the builder for `name`.
 
-  `name` is '<dataset>' or '<dataset>/<config>'; `kwargs` go to the builder.
+  `name` is '<dataset>' or '<dataset>/<config>'; `kwargs` go to the builder. An unknown dataset or
+  config is refused with the valid names.
   """
-  dataset = name.split('/')[0]
-  importlib.import_module(f'tfds_builders.{dataset}')
-  return tfds.builder(name, data_dir=data_dir, **kwargs)
+  dataset, _, config_name = name.partition('/')
+  if dataset not in datasets():
+    raise ValueError(f'unknown dataset {dataset!r}; the datasets are {", ".join(datasets())}')
+  module = importlib.import_module(f'tfds_builders.{dataset}')
+  configs = [c.name for c in module.Builder.BUILDER_CONFIGS]
+  if config_name and config_name not in configs:
+    raise ValueError(f'{dataset} has no config {config_name!r}; its configs are '
+                     f'{", ".join(configs) if configs else "(none: name the dataset alone)"}')
+  return tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None, **kwargs)
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,

@@ -90,6 +90,22 @@ def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
   return rows[0], rows[1:]
 
 
+def read_csv_records(path: str, required: Iterable[str]) -> list[dict[str, str]]:
+  """The rows of a CSV file as {column name: value}, read by the header's names (never by position);
+  a missing required column or a row of the wrong length fails naming the file (and row)."""
+  header, rows = read_csv(path)
+  header = [name.strip() for name in header]
+  missing = [name for name in required if name not in header]
+  if missing:
+    fail(path, missing[0], f'no such column; the header is {",".join(header)}')
+  records = []
+  for i, row in enumerate(rows):
+    if len(row) != len(header):
+      fail(f'{path} row {i + 2}', '(row)', f'{len(row)} columns, the header has {len(header)}')
+    records.append(dict(zip(header, (cell.strip() for cell in row))))
+  return records
+
+
 def read_mat(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
   """The arrays `keys` of a MATLAB file; a missing key fails naming the keys the file does hold."""
   try:

@@ -162,22 +162,31 @@ def pf_pascal(root):
     scipy.io.savemat(os.path.join(root, 'Annotations', category, stem + '.mat'),
                      {'kps': np.array(kps, np.float64), 'bbox': np.array([bbox], np.float64)})
   prefix = 'PF-dataset-PASCAL/JPEGImages/'
+
+  def coords(values):  # NC-Net's format: ';'-separated, padded to 20 with -1
+    return ';'.join(f'{v:g}' for v in values + [-1] * (20 - len(values)))
+
+  def with_coords(source, target, cls):  # the columns of the release's val and test files
+    both = [k for k in range(len(annotations[source][1])) if not (
+        np.isnan(annotations[source][1][k]).any() or np.isnan(annotations[target][1][k]).any())]
+    xy = lambda stem, axis: coords([annotations[stem][1][k][axis] for k in both])
+    return [prefix + source + '.jpg', prefix + target + '.jpg', cls, xy(source, 0), xy(source, 1),
+            xy(target, 0), xy(target, 1)]
+
+  # Only the training file has a flip column; validation and test carry coordinates instead.
   _csv(os.path.join(root, 'trn_pairs.csv'), ['source_image', 'target_image', 'class', 'flip'], [
       [prefix + '2007_000001.jpg', prefix + '2007_000002.jpg', 1, 0],
       [prefix + '2007_000002.jpg', prefix + '2007_000003.jpg', 1, 1],
       [prefix + '2008_000004.jpg', prefix + '2008_000005.jpg', 12, 0]])
-  _csv(os.path.join(root, 'val_pairs.csv'), ['source_image', 'target_image', 'class', 'flip'], [
-      [prefix + '2007_000003.jpg', prefix + '2007_000001.jpg', 1, 0]])
-  _csv(os.path.join(root, 'test_pairs.csv'), ['source_image', 'target_image', 'class'], [
-      ['2007_000001.jpg', '2007_000003.jpg', 1], ['2008_000005.jpg', '2008_000004.jpg', 12]])
+  header = ['source_image', 'target_image', 'class', 'XA', 'YA', 'XB', 'YB']
+  _csv(os.path.join(root, 'val_pairs.csv'), header, [with_coords('2007_000003', '2007_000001', 1)])
+  _csv(os.path.join(root, 'test_pairs.csv'), header, [with_coords('2007_000001', '2007_000003', 1),
+                                                      with_coords('2008_000005', '2008_000004', 12)])
 
   # The NC-Net flavour: image_pairs/ and the images under PF-dataset-PASCAL/JPEGImages/.
   for stem in ('2007_000001', '2007_000003', '2008_000004', '2008_000005'):
     os.makedirs(os.path.join(root, prefix), exist_ok=True)
     shutil.copy(os.path.join(root, 'JPEGImages', stem + '.jpg'), os.path.join(root, prefix))
-
-  def coords(values):
-    return ';'.join(f'{v:g}' for v in values + [-1] * (20 - len(values)))
 
   _csv(os.path.join(root, 'image_pairs/test_pairs.csv'),
        ['source_image', 'target_image', 'class', 'XA', 'YA', 'XB', 'YB'], [

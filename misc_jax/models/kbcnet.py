@@ -181,7 +181,7 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 's
   """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
   [B, Ha*Wa, Hb, Wb] to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is 'soft_argmax'
   (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on scores / beta,
-  Gaussian sigma in cells)."""
+  Gaussian sigma in cells). Predictions lie inside the image."""
   vol = _volume(scores)  # [B, Ha, Wa, Hb, Wb]
   if transfer == 'soft_argmax':
     coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, align_corners=False)
@@ -192,6 +192,7 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 's
   hw = (image_size, image_size)
   norm = soft_argmax.normalize_keypoints(kps, hw)
   pred = soft_argmax.unnormalize_keypoints(soft_argmax.interpolate_at_keypoints(coords, norm, valid), hw)
+  pred = jnp.clip(pred, 0, image_size)  # the read-out extrapolates past the outer cells; stay in the image
   return jnp.where(valid[..., None], pred, kps)  # invalid keypoints: unchanged
 
 

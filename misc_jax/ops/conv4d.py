@@ -5,10 +5,12 @@ convolution over the target dims (both biased), i.e. a 4D kernel that is non-zer
 through its centre. `Conv4d` is the dense 4D convolution of NC-Net / CHM, the reference and ablation
 baseline. Both are PyTorch-style cross-correlations with zero padding.
 
-Not reproduced: HSNet's "sum/squeeze" path, taken only when the target-dim output of the source branch and
-the target branch disagree and the target padding is zero; it sums the source branch over all target
-positions (bias included) and returns a 4D tensor. Our source branch always subsamples the target dims by
-the target stride first, so both branches agree in shape for every padding.
+The two branches must give the same output shape. They do whenever the padding keeps each branch's
+output at the stride's size (padding = kernel // 2, the default and HSNet's choice everywhere): the source
+branch runs at the target positions the target stride keeps, the target branch at the source positions the
+source stride keeps. Other paddings make them disagree; HSNet then (target padding 0 only) sums the source
+branch over all target positions, bias included, and squeezes the result to a 4D tensor, which is neither
+a 4D convolution nor a volume a decoder can continue with. We refuse such settings with an error instead.
 """
 
 import functools
@@ -114,9 +116,17 @@ class CenterPivotConv4d(nn.Module):
     ha2, wa2 = ya.shape[1:3]
     ya = ya.reshape(b, hb2, wb2, ha2, wa2, -1).transpose(0, 3, 4, 1, 2, 5)  # [B, Ha', Wa', Hb', Wb', O]
     # Target branch, at every source position (halo rows excluded).
-    xb = x[:, source_halo:ha - source_halo:s[0], ::s[1]].reshape(-1, hb, wb, c)  # [B Ha' Wa', Hb, Wb, C]
+    xb = x[:, source_halo:ha - source_halo:s[0], ::s[1]]
+    xb_grid = xb.shape[1:3]
+    xb = xb.reshape(-1, hb, wb, c)  # [B Ha' Wa', Hb, Wb, C]
     yb = conv('conv_b', k[2:], s[2:], p[2:])(xb)
-    yb = yb.reshape(b, ha2, wa2, *yb.shape[1:])  # [B, Ha', Wa', Hb', Wb', O]
+    yb = yb.reshape(b, *xb_grid, *yb.shape[1:])  # [B, Ha', Wa', Hb', Wb', O]
+    if ya.shape != yb.shape:
+      raise ValueError(
+          f'CenterPivotConv4d (kernel {k}, strides {s}, padding {p}): on input {x.shape} the source branch '
+          f'gives {ya.shape} and the target branch {yb.shape}. The branches agree only when the padding '
+          'keeps each at the stride\'s size (padding = kernel // 2); HSNet sums such mismatched branches '
+          'into a 4D tensor, which we do not reproduce.')
     return ya + yb
 
 

@@ -1,8 +1,10 @@
 """pf_pascal: PF-PASCAL (Ham et al., 2018), 20 PASCAL VOC classes, in the two flavours the peers distribute.
 
-- `chm` (CHM, CATs, HSNet): `{trn,val,test}_pairs.csv` read by position (source, target, 1-based class,
-  flip) with keypoints (`kps`, K x 2, NaN rows for missing points) and `bbox` from
-  `Annotations/<class>/<name>.mat`. `flip = 1` mirrors both images and their annotations (x -> W - x).
+- `chm` (CHM, CATs, HSNet): `{trn,val,test}_pairs.csv` with the columns `source_image`, `target_image`,
+  `class` (1-based) and, in the training file only, `flip` (the validation and test files carry NC-Net's
+  `XA, YA, XB, YB` instead, which this flavour ignores); keypoints (`kps`, K x 2, NaN rows for missing
+  points) and `bbox` come from `Annotations/<class>/<name>.mat`. `flip = 1` mirrors both images and their
+  annotations (x -> W - x); a file without the column flips nothing.
 - `ncnet` (NC-Net): `image_pairs/{val,test}_pairs.csv` with the coordinates inside (`XA, YA, XB, YB`, each
   `;`-separated, padded with -1); the box is the extent of the pair's valid keypoints.
 A pair keeps only the keypoints valid in both images (slot k stays keypoint k of the class). Image paths
@@ -74,13 +76,13 @@ class Builder(common.ManualBuilder):
             for split, path in files.items() if common.exists(path)}
 
   def _generate_examples(self, root, split, path, make_pair):
-    header, rows = common.read_csv(path)
-    columns = {name.strip(): i for i, name in enumerate(header)}
+    required = ('source_image', 'target_image', 'class') + (('XA', 'YA', 'XB', 'YB')
+                                                             if make_pair is _ncnet_pair else ())
     jobs = []
-    for i, row in enumerate(rows):
-      key = f'{i:05d}-{_stem(row[0])}-{_stem(row[1]) if len(row) > 1 else ""}'
+    for i, record in enumerate(common.read_csv_records(path, required)):
+      key = f'{i:05d}-{_stem(record["source_image"])}-{_stem(record["target_image"])}'
       where = f'{path} row {i + 2}'  # 1-based, after the header
-      jobs.append((key, lambda row=row, where=where: make_pair(root, row, columns, where)))
+      jobs.append((key, lambda record=record, where=where: make_pair(root, record, where)))
     yield from self.checked_examples(split, jobs)
 
 
@@ -88,12 +90,10 @@ def _stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path.strip()))[0]
 
 
-def _category(row, where) -> str:
-  if len(row) < 3:
-    common.fail(where, 'class', f'{len(row)} columns; expected source, target, class, ...')
-  index = common.number(row[2], where, 'class')
+def _category(record, where) -> str:
+  index = common.number(record['class'], where, 'class')
   if index != int(index) or not 1 <= index <= len(CATEGORIES):
-    common.fail(where, 'class', f'{row[2]!r} is not a class index in 1..{len(CATEGORIES)}')
+    common.fail(where, 'class', f'{record["class"]!r} is not a class index in 1..{len(CATEGORIES)}')
   return CATEGORIES[int(index) - 1]
 
 
@@ -123,12 +123,11 @@ def _pair(category, images, keypoints, valid, boxes) -> dict:
   return example
 
 
-def _chm_pair(root, row, columns, where) -> dict:
-  del columns  # read by position, as the peers do
-  category = _category(row, where)
-  flip = len(row) > 3 and common.number(row[3], where, 'flip') == 1
+def _chm_pair(root, record, where) -> dict:
+  category = _category(record, where)
+  flip = bool(record.get('flip')) and common.number(record['flip'], where, 'flip') == 1
   images, keypoints, valid, boxes = [], [], [], []
-  for path in row[:2]:
+  for path in (record['source_image'], record['target_image']):
     image = common.read_image(_image_path(root, path), mirror=flip)
     mat_path = os.path.join(root, 'Annotations', category, _stem(path) + '.mat')
     mat = common.read_mat(mat_path, ('kps', 'bbox'))
@@ -150,18 +149,11 @@ def _chm_pair(root, row, columns, where) -> dict:
   return _pair(category, images, keypoints, valid, boxes)
 
 
-def _ncnet_pair(root, row, columns, where) -> dict:
-  missing = [c for c in ('source_image', 'target_image', 'class', 'XA', 'YA', 'XB', 'YB')
-             if c not in columns]
-  if missing:
-    common.fail(where, missing[0], 'no such column in the header')
-  if len(row) != len(columns):
-    common.fail(where, '(row)', f'{len(row)} columns, the header has {len(columns)}')
-  category = _category([row[columns['source_image']], row[columns['target_image']],
-                        row[columns['class']]], where)
+def _ncnet_pair(root, record, where) -> dict:
+  category = _category(record, where)
 
   def coords(name):
-    return np.array([common.number(v, where, name) for v in row[columns[name]].split(';') if v.strip()])
+    return np.array([common.number(v, where, name) for v in record[name].split(';') if v.strip()])
 
   keypoints = []
   for x_name, y_name in (('XA', 'YA'), ('XB', 'YB')):
@@ -171,7 +163,6 @@ def _ncnet_pair(root, row, columns, where) -> dict:
     keypoints.append(np.stack([x, y], 1))
   if len(keypoints[0]) != len(keypoints[1]):
     common.fail(where, 'XB', f'{len(keypoints[1])} target keypoints for {len(keypoints[0])} source ones')
-  images = [common.read_image(_image_path(root, row[columns[c]]))
-            for c in ('source_image', 'target_image')]
+  images = [common.read_image(_image_path(root, record[c])) for c in ('source_image', 'target_image')]
   valid = [(kps >= 0).all(1) for kps in keypoints]  # -1 pads
   return _pair(category, images, keypoints, valid, [None, None])

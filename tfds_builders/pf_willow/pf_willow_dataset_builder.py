@@ -1,7 +1,7 @@
 """pf_willow: PF-WILLOW (Ham et al., 2016), 900 test pairs of 10 classes with 10 keypoints each.
 
-Test only, as in the literature. `test_pairs.csv` is read by position: source path, target path, then 10
-source x, 10 source y, 10 target x, 10 target y. Paths look like `PF-dataset/car(G)/Cars_006a.png`; a
+Test only, as in the literature. `test_pairs.csv` is read by its header's names: `imageA`, `imageB` (source
+and target paths), `XA1..XA10`, `YA1..YA10` (source keypoints), `XB1..XB10`, `YB1..YB10` (target). Paths look like `PF-dataset/car(G)/Cars_006a.png`; a
 flattened copy (`car(G)/Cars_006a.png`) is accepted too. The class is the image's folder. The box is the
 extent of the valid keypoints only (the peers' padded keypoints leaked into it: REFERENCE.md section 4).
 """
@@ -17,6 +17,8 @@ from tfds_builders import common
 CATEGORIES = ('car(G)', 'car(M)', 'car(S)', 'duck(S)', 'motorbike(G)', 'motorbike(M)', 'motorbike(S)',
               'winebottle(M)', 'winebottle(wC)', 'winebottle(woC)')
 NUM_KEYPOINTS = 10
+COORDINATE_COLUMNS = tuple(f'{axis}{side}{k}' for side in 'AB' for axis in 'XY'
+                           for k in range(1, NUM_KEYPOINTS + 1))  # XA1..XA10, YA1..YA10, XB1.., YB1..
 
 _CITATION = """
 @inproceedings{ham2016proposal,
@@ -52,11 +54,11 @@ class Builder(common.ManualBuilder):
 
   def _generate_examples(self, root):
     path = os.path.join(root, 'test_pairs.csv')
-    _, rows = common.read_csv(path)
     jobs = []
-    for i, row in enumerate(rows):
-      stems = '-'.join(os.path.splitext(os.path.basename(p))[0] for p in row[:2])
-      jobs.append((f'{i:04d}-{stems}', lambda row=row, where=f'{path} row {i + 2}': _pair(root, row, where)))
+    for i, record in enumerate(common.read_csv_records(path, ('imageA', 'imageB') + COORDINATE_COLUMNS)):
+      stems = '-'.join(os.path.splitext(os.path.basename(record[c]))[0] for c in ('imageA', 'imageB'))
+      jobs.append((f'{i:04d}-{stems}',
+                   lambda record=record, where=f'{path} row {i + 2}': _pair(root, record, where)))
     yield from self.checked_examples('test', jobs)
 
 
@@ -67,19 +69,18 @@ def _image_path(root, path) -> str:
   return as_written if common.exists(as_written) or not common.exists(flat) else flat
 
 
-def _pair(root, row, where) -> dict:
-  if len(row) != 2 + 4 * NUM_KEYPOINTS:
-    common.fail(where, '(row)', f'{len(row)} columns, expected 2 paths + 4 x {NUM_KEYPOINTS} coordinates')
-  category = row[0].strip().split('/')[-2] if '/' in row[0] else ''
+def _pair(root, record, where) -> dict:
+  paths = record['imageA'], record['imageB']
+  category = paths[0].split('/')[-2] if '/' in paths[0] else ''
   if category not in CATEGORIES:
     common.fail(where, 'imageA', f'class folder {category!r} is not one of {CATEGORIES}')
-  coords = np.array([common.number(v, where, f'column {j + 3}') for j, v in enumerate(row[2:])],
-                    np.float32).reshape(4, NUM_KEYPOINTS)
+  coords = np.array([common.number(record[c], where, c) for c in COORDINATE_COLUMNS],
+                    np.float32).reshape(4, NUM_KEYPOINTS)  # rows XA, YA, XB, YB
   keypoints = [np.stack(coords[0:2], 1), np.stack(coords[2:4], 1)]
   valid = np.isfinite(keypoints[0]).all(1) & np.isfinite(keypoints[1]).all(1)
   valid &= (keypoints[0] >= 0).all(1) & (keypoints[1] >= 0).all(1)
   example = {'category': category}
-  for name, path, kps in zip(features.SIDES, row[:2], keypoints):
+  for name, path, kps in zip(features.SIDES, paths, keypoints):
     kps, vis = kps[None], valid[None]
     example[name] = common.side(common.read_image(_image_path(root, path)), kps, vis,
                                 common.keypoint_box(kps, vis))

@@ -1,0 +1,231 @@
+"""A run's working directory: its config.json, the lock that keeps a second run out, and its Orbax
+checkpoints (`checkpoints/`: the latest N; `checkpoints_best/`: the best evaluated step).
+
+Restoring checks a checkpoint before it trusts it: array shapes that differ from the model's mean the
+checkpoint belongs to another model (`CheckpointMismatchError`); a step whose files cannot be read back
+(truncated arrays, missing metadata) is damaged (`DamagedCheckpointError`), and `restore_newest` falls back
+past it to the newest step that restores, naming the damaged ones.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Config fields that hold paths: `~` and environment variables in them are expanded.
+PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.init_from')
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose arrays do not fit the model the config describes."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step whose files cannot be read back."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paths and config.json.
+# ----------------------------------------------------------------------------------------------------------
+
+def expand(path: str | None) -> str | None:
+  """'~/x' and '$HOME/x' -> absolute-looking local paths; URLs (gs://...) and None unchanged."""
+  if not path or '://' in str(path):
+    return path
+  return os.path.expandvars(os.path.expanduser(str(path)))
+
+
+def absolute(path) -> epath.Path:
+  """Orbax needs absolute paths; URLs (gs://...) are left alone."""
+  path = expand(str(path))
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> None:
+  """Expands `~` and environment variables in every path field of `config` (PATH_FIELDS), in place."""
+  for field in PATH_FIELDS:
+    parent, _, leaf = field.rpartition('.')
+    node = config[parent]
+    if leaf in node and node[leaf]:
+      node[leaf] = expand(node[leaf])
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json, written by misc_jax.main)."""
+  path = absolute(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a misc_jax workdir')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_config(config: ml_collections.ConfigDict, workdir) -> None:
+  path = absolute(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+
+def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """'field: old -> new' for every leaf field that differs between two configs."""
+  flat = lambda c: _flatten(json.loads(c.to_json_best_effort()))
+  a, b = flat(old), flat(new)
+  return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flatten(tree, prefix=''):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
+
+
+@contextlib.contextmanager
+def lock(workdir):
+  """Held while a run uses `workdir`: a second run on it fails at once, naming the first. The operating
+  system drops the lock when its process dies, so a killed run never blocks the next one. Local and
+  network file systems only; on object stores (gs://...) nothing is locked."""
+  path = absolute(workdir)
+  if '://' in str(path):
+    logging.warning('%s is not a local path: it cannot be locked against a second run.', path)
+    yield
+    return
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / '.lock', 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise RuntimeError(f'{path} is in use by another run ({holder}); wait for it to finish, stop it, or '
+                         'choose another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------------------------------------
+
+def manager(directory, **options) -> ocp.CheckpointManager:
+  """A CheckpointManager of one directory that can also read the saved arrays' shapes."""
+  return ocp.CheckpointManager(absolute(directory), item_handlers=ocp.StandardCheckpointHandler(),
+                               options=ocp.CheckpointManagerOptions(**options) if options else None)
+
+
+def _name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def shapes(tree) -> dict[str, tuple]:
+  """{'params/backbone/conv1/kernel': shape, ...} of a state, its abstract shapes or saved metadata."""
+  return {'/'.join(map(_name, path)): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def differences(expected: dict, got: dict, limit: int = 3) -> list[str]:
+  """The first `limit` arrays whose shapes differ (or that only one side has), parameters first."""
+  out = []
+  for name in sorted(set(expected) | set(got), key=lambda n: (not n.startswith('params/'), n)):
+    if expected.get(name) != got.get(name):
+      out.append(f'{name}: model {expected.get(name, "(absent)")}, checkpoint {got.get(name, "(absent)")}')
+  return out[:limit]
+
+
+def saved_shapes(mgr: ocp.CheckpointManager, step: int) -> dict | None:
+  """The shapes a step holds, from its metadata alone; None when the metadata cannot be read."""
+  try:
+    metadata = mgr.item_metadata(step)
+  except Exception:  # pylint: disable=broad-except  (any unreadable metadata is reported as damage later)
+    return None
+  return None if metadata is None else shapes(metadata)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, target):
+  """Restores `step` into `target` (a state or its abstract shapes), checking shapes before and after."""
+  want = shapes(target)
+  saved = saved_shapes(mgr, step)
+  if saved is not None and saved != want:
+    raise CheckpointMismatchError(f'step {step} in {mgr.directory}: {differences(want, saved)}')
+  try:
+    state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore and OS errors alike)
+    raise DamagedCheckpointError(f'checkpoint step {step} in {mgr.directory} is damaged and cannot be '
+                                 f'restored ({type(e).__name__}: {str(e)[:300]})') from e
+  got = shapes(state)  # Orbax restores arrays of any shape into the target
+  if got != want:
+    raise CheckpointMismatchError(f'step {step} in {mgr.directory}: {differences(want, got)}')
+  return state
+
+
+def restore_newest(mgr: ocp.CheckpointManager, target):
+  """(state, step, damaged steps) of the newest step that restores, warning for each damaged one newer
+  than it; (None, 0, damaged) when none restores."""
+  damaged = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      state = restore(mgr, step, target)
+    except DamagedCheckpointError as e:
+      logging.warning('%s; falling back to an earlier step.', e)
+      damaged.append(step)
+      continue
+    return state, step, damaged
+  return None, 0, damaged
+
+
+def set_aside(directory, steps) -> None:
+  """Moves damaged step folders out of a checkpoint directory (to <directory>_damaged/), so that the run
+  can save those step numbers again; their files are kept for inspection."""
+  directory = absolute(directory)
+  for step in steps:
+    aside = directory.parent / f'{directory.name}_damaged' / str(step)
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    if aside.exists():
+      aside = aside.parent / f'{step}.{int(time.time())}'
+    (directory / str(step)).rename(aside)
+    logging.warning('Moved the damaged checkpoint step %d to %s.', step, aside)
+
+
+def parse_checkpoint(checkpoint) -> str | int:
+  """'latest', 'best' or a step number (an int or its digits); anything else is refused."""
+  if checkpoint in ('latest', 'best'):
+    return checkpoint
+  if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+    return int(checkpoint)
+  raise ValueError(f'checkpoint {checkpoint!r}: expected "latest", "best" or a step number')
+
+
+def restore_run(run_dir, checkpoint, target):
+  """(state, step) of a run's checkpoint 'latest' (the newest that restores), 'best' or a step number."""
+  checkpoint = parse_checkpoint(checkpoint)
+  directory = absolute(run_dir) / ('checkpoints_best' if checkpoint == 'best' else 'checkpoints')
+  if not directory.exists():
+    raise FileNotFoundError(f'no checkpoint in {directory}: the folder does not exist')
+  with manager(directory) as mgr:
+    steps = mgr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    if checkpoint == 'latest':
+      state, step, damaged = restore_newest(mgr, target)
+      if state is None:
+        raise DamagedCheckpointError(f'every checkpoint in {directory} is damaged (steps {damaged})')
+      return state, step
+    step = max(steps) if checkpoint == 'best' else checkpoint
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint {checkpoint!r} in {directory} (steps there: {steps})')
+    return restore(mgr, step, target), step
