@@ -20,6 +20,7 @@ the run if any timed step compiles again.
 """
 
 import argparse
+import ast
 import collections
 import glob
 import gzip
@@ -208,10 +209,12 @@ def measure(config, per_device: int, steps: int, profile_dir: str | None = None)
   devices = jax.local_device_count()
   with config.unlocked():
     config.batch_size = devices * per_device
+    config.total_steps = config.total_steps or 1000  # epoch-based configs: the schedule does not matter
   run = run_steps(config, random_batch(config, devices, per_device), steps, profile_dir)
   seconds = statistics.median(run['times'])
   size = config.input.image_size
   return dict(model=config.model.get('name', 'kbcnet'), variant=config.model.variant, image_size=size,
+              freeze_stages=config.model.freeze_stages, hyperpixels=str(config.model.hyperpixels),
               grid=size // config.model.feature_stride, dtype=config.model.dtype,
               chunk_rows=config.model.get('decoder_chunk_rows', 0), batch=config.batch_size,
               step_s=seconds, pairs_per_s=config.batch_size / seconds, gflop_per_step=run['flops'] / 1e9,
@@ -226,6 +229,13 @@ def load_config(spec: str):
   path, _, arg = spec.partition(':')
   module = importlib.import_module(os.path.splitext(os.path.normpath(path))[0].replace(os.sep, '.'))
   return module.get_config(arg or None)
+
+
+def _literal(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
 
 
 def print_costs(name: str, costs: dict, top: int = 12):
@@ -254,6 +264,8 @@ def main():
                       help='config files to time instead of the sweep, e.g. configs/kbcnet_spair.py')
   parser.add_argument('--feature_stride', type=int, default=0,
                       help='image pixels per feature cell (0: 8 for kbcnet_tiny, 16 for ResNets)')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='override a config field of every configuration, e.g. model.freeze_stages=2')
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help="the device's peak (default: the matmul measured here)")
   parser.add_argument('--profile', default=None, metavar='DIR',
@@ -281,11 +293,16 @@ def main():
                for dtype in args.dtypes.split(',') for rows in map(int, args.chunk_rows.split(','))]
   rows = []
   for name, config in configs:
+    with config.unlocked():
+      for item in args.set:
+        key, _, value = item.partition('=')
+        config.update_from_flattened_dict({key: _literal(value)})
+    name += ''.join(f' {item}' for item in args.set)
     row = measure(config, args.batch, args.steps,
                   args.profile and os.path.join(args.profile, re.sub(r'\W', '_', name)))
     row['fraction_of_peak'] = row['gflops'] / peak
     rows.append(row)
-    print(f'| {row["model"]} {row["variant"]} | {row["image_size"]} | {row["grid"]} | {row["dtype"]} | '
+    print(f'| {row["model"]} {row["variant"]}{"".join(" " + i for i in args.set)} | {row["image_size"]} | {row["grid"]} | {row["dtype"]} | '
           f'{row["chunk_rows"] or "-"} | {row["batch"]} | {row["step_s"]:.3f} | {row["pairs_per_s"]:.2f} | '
           f'{row["gflop_per_step"]:.1f} | {row["gflops"]:.1f} | {row["fraction_of_peak"]:.3f} | '
           f'{row["compile_s"]:.1f} | {row["temp_gib"]:.2f} | {row["argument_gib"]:.2f} | '

@@ -11,8 +11,9 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   """A complete config: data, KBCNet `variant`, optimiser, schedule, evaluation, checkpoints."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.batch_size = 8  # global, across all processes and devices
-  config.total_steps = 10_000
+  config.batch_size = 8  # global, across all processes and devices: a multiple of the device count
+  config.num_epochs = placeholder(float)  # the schedule's length (steps follow from the batch), or:
+  config.total_steps = placeholder(int)   # when set, the number of steps (num_epochs is then ignored)
   config.log_every_steps = 50
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 500
@@ -29,6 +30,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.input.keep_aspect = False  # False: stretch to a square, as the peers do for PCK
   config.input.max_instances = 1
   config.input.max_keypoints = 30
+  config.input.max_dense_points = 0  # > 0: train on the dataset's dense points too (synthetic_misc: 49)
   config.input.shuffle_buffer = 1024
   config.input.prefetch = 2
   config.input.data_shards = placeholder(int)  # None: one per process (see input_pipeline.py)
@@ -37,19 +39,31 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.input.augment.brightness = 0.1  # max delta, images in [0, 1]
   config.input.augment.contrast = 0.2    # factor range 1 +- this
   config.input.augment.saturation = 0.2
+  config.input.augment.box_crop = 0.0     # probability of CATs' crop that keeps the objects' box
+  config.input.augment.cats_colour = 0.0  # probability of each of CATs' 7 colour augmentations
 
-  config.model = ml_collections.ConfigDict(dict(name='kbcnet', variant=variant,
+  config.model = ml_collections.ConfigDict(dict(name='kbcnet', variant=variant, backbone='resnet',
                                                 **kbcnet.decode_variant(variant)))
   config.model.decoder_groups = 4
+  # HSNet strides the dims of the image it does not predict on and keeps the other at full resolution:
+  # here the source dims are strided and the target, where keypoints land, is not ('target': the reverse).
+  config.model.decoder_stride_dims = 'source'
+  # Backbone blocks whose features are correlated (models/resnet.py): 'last' (the last block of layers
+  # 2-4), 'cats' (CATs' 8 ResNet-101 blocks), 'hsnet' (every block of layers 2-4), or DHPF indices.
+  config.model.hyperpixels = 'last'
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
   config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of source rows, bounded memory
   config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
   config.model.transfer = 'soft_argmax'  # or 'kernel_soft_argmax'; KBCNet's loss keeps soft_argmax
   config.model.beta = 0.02            # softmax temperature of the transfer
   config.model.sigma = 5.0            # Gaussian of kernel_soft_argmax, in feature cells
-  config.model.match_loss_weight = 0.1  # cross-entropy on true target cells, next to the EPE
+  config.model.match_loss_weight = 0.1  # cross-entropy on the true target cells (kbcnet.train_loss)
+  config.model.match_targets = 'nearest'  # those cells: 'nearest', or 'bilinear' (sub-cell targets)
+  config.model.transfer_loss_weight = 1.0  # the soft-argmax prediction's distance to the truth
   config.model.freeze_stages = 0      # 0: train all; 1: freeze the stem; 2: stem and layer1; ...
+  config.model.freeze_backbone = False  # True: the whole backbone (no backward pass through it)
   config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
+  config.model.backbone_from_scratch = False     # True: allow a BatchNorm backbone without weights
   config.model.init_from = placeholder(str)      # another run's workdir: start from its params
   config.model.init_from_checkpoint = 'latest'   # of that run: 'latest', 'best' or a step number
 
@@ -58,6 +72,9 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.optim.backbone_lr = 1e-4
   config.optim.weight_decay = 1e-4
   config.optim.warmup_steps = 200
+  config.optim.warmup_epochs = placeholder(float)  # when set, replaces warmup_steps
+  config.optim.reference_batch_size = placeholder(int)  # the global batch lr and backbone_lr are tuned at
+  config.optim.lr_scaling = 'sqrt'  # how they follow other batches (optim.py): 'sqrt', 'linear', 'none'
   config.optim.final_lr_fraction = 0.01
   config.optim.grad_clip = 1.0
 
@@ -65,6 +82,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.eval.evaluator = 'pck'  # misc_jax/evaluators/<name>.py: 'pck', or 'misc' (multi-instance)
   config.eval.alphas = (0.05, 0.1, 0.15)
   config.eval.threshold = 'bbox'  # 'bbox' (SPair-71k, PF-WILLOW) or 'image' (PF-PASCAL)
+  config.eval.extra_thresholds = ()  # more PCK columns, e.g. ('chm',): CHM's PF-WILLOW rule (ops/pck.py)
   config.eval.best_metric = 'pck@0.1'
   config.eval.plot_alpha = 0.1
 

@@ -17,6 +17,9 @@ input pipeline, the models and the evaluators never care which dataset they read
   attributes   dict of int32 scalars  only in datasets that annotate pairs (SPair-71k: viewpoint_variation,
                                       scale_variation, truncation, occlusion, mirror); the evaluator reports
                                       PCK for each value of each attribute
+  source/target dense_points float32 [I, P, 2], dense_visible bool [I, P]: only in datasets that know more
+               corresponding points than their keypoints (synthetic_misc: points at fixed affine
+               combinations of the keypoints); training may use them, evaluation never does
 
 Conventions:
 - Coordinates are the dataset's own, unchanged (the peers' PCK uses them so). For the synthetic data they
@@ -45,12 +48,16 @@ class InvalidExampleError(ValueError):
   """A record that breaks the schema; the message names dataset, split, key and field."""
 
 
-def pair_features(category_names: Sequence[str],
-                  attributes: Sequence[str] = ()) -> tfds.features.FeaturesDict:
-  """Returns the TFDS features of one correspondence pair (with int `attributes` when given)."""
+def pair_features(category_names: Sequence[str], attributes: Sequence[str] = (),
+                  dense_points: bool = False) -> tfds.features.FeaturesDict:
+  """Returns the TFDS features of one correspondence pair (with int `attributes` when given, and dense
+  training points when `dense_points`)."""
 
   def side():
+    dense = {'dense_points': tfds.features.Tensor(shape=(None, None, 2), dtype=np.float32, encoding='bytes'),
+             'dense_visible': tfds.features.Tensor(shape=(None, None), dtype=np.bool_, encoding='bytes')}
     return tfds.features.FeaturesDict({
+        **(dense if dense_points else {}),
         'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
         'instance_ids': tfds.features.Tensor(shape=(None,), dtype=np.int64),
         'keypoints': tfds.features.Tensor(shape=(None, None, 2), dtype=np.float32, encoding='bytes'),
@@ -113,6 +120,12 @@ def validate_side(side: dict, *, dataset: str, split: str, key: str, name: str) 
   degenerate = (bboxes[:, 2] <= bboxes[:, 0]) | (bboxes[:, 3] <= bboxes[:, 1])
   if degenerate.any():
     fail('bboxes', f'zero-area box {bboxes[degenerate][0].tolist()} (x1, y1, x2, y2)')
+  if 'dense_points' in side:
+    dense = np.asarray(side['dense_points'], np.float32)
+    if dense.ndim != 3 or dense.shape[0] != num or dense.shape[2] != 2:
+      fail('dense_points', f'shape {dense.shape}, expected [{num}, P, 2]')
+    if np.asarray(side['dense_visible']).shape != dense.shape[:2]:
+      fail('dense_visible', f'shape {np.shape(side["dense_visible"])}, expected {dense.shape[:2]}')
   masks = side.get('masks', [])
   if len(masks) not in (0, num):
     fail('masks', f'{len(masks)} masks for {num} instances')

@@ -4,6 +4,7 @@ Every dataset emits the schema of `misc_jax.features`; this module turns it into
 
   batch['source'|'target']:
     image          uint8   [D, B, S, S, 3]   S = config.input.image_size (D local devices, B per device)
+    image_full     uint8   [D, B, F, F, 3]   evaluation with KBC only: the view at F = kbc.max_scale x S
     keypoints      float32 [D, B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
     keypoint_valid bool    [D, B, I, K]      visible and not padding
     bboxes         float32 [D, B, I, 4]      (x1, y1, x2, y2) pixels of the resized image
@@ -11,6 +12,8 @@ Every dataset emits the schema of `misc_jax.features`; this module turns it into
     masks          bool    [D, B, I, S, S]   all False for datasets without masks (see has_masks)
     has_masks      bool    [D, B]
     scale          float32 [D, B, 2]         (sx, sy): resized = scale * original pixel coordinates
+    dense_points   float32 [D, B, I, P, 2]   with config.input.max_dense_points = P > 0: the dataset's dense
+    dense_valid    bool    [D, B, I, P]      training points (features.py), all invalid where it has none
   batch['category'] int32 [D, B];  batch['valid'] bool [D, B] (False on evaluation padding)
   batch['attributes'] {name: int32 [D, B]}  only for datasets with pair attributes (SPair-71k)
 
@@ -30,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from misc_jax import augment
 from misc_jax import features
 from tfds_builders import build
 
@@ -61,18 +65,29 @@ def _pad_to(x, size, axis, name, pair_id):
     return tf.pad(x, paddings)
 
 
-def preprocess_side(side, pair_id, config: ml_collections.ConfigDict):
-  """Resizes (and pads) one decoded side to config.input.image_size; pads instances and keypoints."""
-  size = config.input.image_size
-  image = tf.cast(side['image'], tf.float32)
+def full_resolution(config: ml_collections.ConfigDict) -> int:
+  """The side of `image_full`, the evaluation images KBC cuts its crops from: the network input enlarged
+  by kbc.max_scale, the most a crop enlarges (0 when KBC is off at evaluation)."""
+  return round(config.kbc.max_scale * config.input.image_size) if config.kbc.eval else 0
+
+
+def _resize(image, size: int, keep_aspect: bool):
+  """float [H, W, C] -> [size, size, C] stretched (or letterboxed), and the scale (sx, sy)."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale_yx = size / hw
-  if config.input.keep_aspect:  # Letterbox: one scale, pad bottom and right.
+  if keep_aspect:  # Letterbox: one scale, pad bottom and right.
     scale_yx = tf.fill([2], tf.reduce_min(scale_yx))
   new_hw = tf.cast(tf.round(hw * scale_yx), tf.int32)
   image = tf.image.resize(image, new_hw, method='bilinear', antialias=True)
-  image = tf.image.pad_to_bounding_box(image, 0, 0, size, size)
-  scale = scale_yx[::-1]  # (sx, sy)
+  return tf.image.pad_to_bounding_box(image, 0, 0, size, size), scale_yx[::-1]
+
+
+def preprocess_side(side, pair_id, config: ml_collections.ConfigDict, full_size: int = 0):
+  """Resizes (and pads) one decoded side to config.input.image_size; pads instances and keypoints. With
+  `full_size`, also the same view at full_size px (`image_full`, for KBC at evaluation)."""
+  size = config.input.image_size
+  image, scale = _resize(tf.cast(side['image'], tf.float32), size, config.input.keep_aspect)
+  new_hw = tf.cast(tf.round(tf.cast(tf.shape(side['image'])[:2], tf.float32) * scale[::-1]), tf.int32)
 
   num_instances = tf.shape(side['instance_ids'])[0]
   valid = side['keypoint_visible']
@@ -100,30 +115,40 @@ def preprocess_side(side, pair_id, config: ml_collections.ConfigDict):
   out['bboxes'].set_shape([max_i, 4])
   out['instance_valid'].set_shape([max_i])
   out['masks'].set_shape([max_i, size, size])
+  max_p = config.input.get('max_dense_points', 0)
+  if max_p:  # zero slots for datasets without dense points: the loss then uses the keypoints alone
+    dense_valid = side.get('dense_visible', tf.zeros([num_instances, 0], tf.bool))
+    dense = side.get('dense_points', tf.zeros([num_instances, 0, 2]))
+    pad_ip = lambda x: _pad_to(pad_i(x), max_p, 1, 'dense_points', pair_id)
+    out['dense_points'] = pad_ip(tf.where(dense_valid[..., None], dense * scale, 0.))
+    out['dense_valid'] = pad_ip(dense_valid)
+    out['dense_points'].set_shape([max_i, max_p, 2])
+    out['dense_valid'].set_shape([max_i, max_p])
+  if full_size:
+    full, _ = _resize(tf.cast(side['image'], tf.float32), full_size, config.input.keep_aspect)
+    out['image_full'] = tf.cast(tf.round(full), tf.uint8)
   return out
 
 
-def augment_image(image, seed, config: ml_collections.ConfigDict):
-  """Photometric jitter of a float [S, S, 3] image in [0, 255], from a stateless seed."""
-  aug = config.input.augment
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  image = image / 255.
-  image = tf.image.stateless_random_brightness(image, aug.brightness, seeds[0])
-  image = tf.image.stateless_random_contrast(image, 1 - aug.contrast, 1 + aug.contrast, seeds[1])
-  image = tf.image.stateless_random_saturation(image, 1 - aug.saturation, 1 + aug.saturation, seeds[2])
-  return tf.clip_by_value(image, 0., 1.) * 255.
-
-
 def preprocess(example, *, config: ml_collections.ConfigDict, train: bool, index=None):
-  """Decoded example -> one fixed-shape training/eval example (see the module docstring)."""
+  """Decoded example -> one fixed-shape training/eval example (see the module docstring). Training
+  examples are augmented (misc_jax/augment.py) as config.input.augment says, from seeds of
+  (config.seed, index)."""
   out = {'category': tf.cast(example['category'], tf.int32), 'valid': tf.constant(True)}
   if 'attributes' in example:
     out['attributes'] = {k: tf.cast(v, tf.int32) for k, v in example['attributes'].items()}
+  aug = config.input.augment
   for i, side in enumerate(features.SIDES):
-    out[side] = preprocess_side(example[side], example['pair_id'], config)
-    if train and config.input.augment.photometric:
-      seed = tf.stack([tf.cast(config.seed, tf.int64), tf.cast(index, tf.int64) * 2 + i])
-      out[side]['image'] = augment_image(out[side]['image'], seed, config)
+    seed = augment.stateless_seed(config.seed, 0 if index is None else index, i)
+    other_seed = lambda k: tf.random.experimental.stateless_fold_in(seed, k)
+    decoded = example[side]
+    if train and aug.box_crop:
+      decoded = augment.box_crop(decoded, other_seed(1), aug.box_crop)
+    out[side] = preprocess_side(decoded, example['pair_id'], config, 0 if train else full_resolution(config))
+    if train and aug.photometric:
+      out[side]['image'] = augment.photometric(out[side]['image'], seed, aug)
+    if train and aug.cats_colour:
+      out[side]['image'] = augment.cats_colour(out[side]['image'], other_seed(2), aug.cats_colour)
     out[side]['image'] = tf.cast(tf.round(out[side]['image']), tf.uint8)
   return out
 

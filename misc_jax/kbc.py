@@ -77,13 +77,18 @@ def boxes_to_crop(boxes, crop: Crop):
   return corners.reshape(boxes.shape)
 
 
-def resample(images, crop: Crop):
-  """Images [B, H, W, C] -> the cropped window at the same size and dtype (bilinear; integer images are
-  rounded). Masks: resample as float and threshold at 0.5."""
+def resample(images, crop: Crop, size: int | None = None):
+  """Images [B, H, W, C] -> the cropped window [B, size, size, C] (default: the images' own size) in their
+  dtype (bilinear, averaged where the crop shrinks; integer images are rounded). The crop is in pixels of
+  a size x size image: a larger image of the same view (H = f * size, e.g. the stored full-resolution
+  one) gives the same window, sharper. Masks: resample as float and threshold at 0.5."""
+  size = size or images.shape[1]
+  f = images.shape[1] / size  # pixels of `images` per pixel of the size x size image
+
   def one(image, scale, offset):
     return jax.image.scale_and_translate(
-        image.astype(jnp.float32), image.shape, (0, 1), jnp.stack([scale, scale]), -offset[::-1],
-        method='linear', antialias=False)
+        image.astype(jnp.float32), (size, size, image.shape[-1]), (0, 1), jnp.stack([scale, scale]) / f,
+        -offset[::-1], method='linear', antialias=True)
   out = jax.vmap(one)(images, crop.scale, crop.offset)
   if jnp.issubdtype(images.dtype, jnp.integer):
     info = jnp.iinfo(images.dtype)
@@ -109,26 +114,35 @@ def ground_truth_crops(src_kps, src_valid, trg_kps, trg_valid, size: int, kbc_co
 
 def crop_side(side, crop: Crop):
   """One side of a batch (input_pipeline layout: image [B, S, S, 3] uint8, keypoints [B, I, K, 2], bboxes
-  [B, I, 4], masks [B, I, S, S] bool) -> the same fields seen through the crop. Keypoints that leave the
-  window keep their (outside) coordinates and their validity."""
+  [B, I, 4], masks [B, I, S, S] bool, dense_points [B, I, P, 2] if any) -> the same fields seen through the
+  crop. Points that leave the window are no longer valid (they keep their outside coordinates)."""
+  size = side['image'].shape[1]
   masks = resample(side['masks'].astype(jnp.float32).transpose(0, 2, 3, 1), crop) > 0.5
-  return dict(side, image=resample(side['image'], crop), keypoints=to_crop(side['keypoints'], crop),
-              bboxes=boxes_to_crop(side['bboxes'], crop), masks=masks.transpose(0, 3, 1, 2))
+  out = dict(side, image=resample(side['image'], crop), bboxes=boxes_to_crop(side['bboxes'], crop),
+             masks=masks.transpose(0, 3, 1, 2))
+  for points, valid in (('keypoints', 'keypoint_valid'), ('dense_points', 'dense_valid')):
+    if points in side:
+      out[points] = to_crop(side[points], crop)
+      out[valid] = side[valid] & ((out[points] >= 0) & (out[points] <= size)).all(-1)
+  return out
 
 
-def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_config):
+def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_config, full=None):
   """KBC at test time: crop both images, predict there, map the predictions back.
 
   apply(source_images, target_images) -> scores; transfer(scores, kps, valid) -> target keypoints (both
   in the network input's pixels). The source crop comes from the source keypoints [B, K, 2]. The target
   keypoints are unknown at test time: `coarse` (a first pass's predictions on the whole images) places the
-  target crop around their box; None leaves the target image uncropped. Returns target keypoints
+  target crop around their box; None leaves the target image uncropped. `full` (source, target): the same
+  views at a higher resolution (the input pipeline's `image_full`), which the crops are cut from, so an
+  enlarged crop shows the stored image's detail instead of an upsampled blur. Returns target keypoints
   [B, K, 2] in the whole image's pixels (invalid ones unchanged).
   """
   size = source.shape[1]
   src_crop = crop_for_config(src_kps, src_valid, size, kbc_config)
   trg_crop = (identity(source.shape[0]) if coarse is None
               else crop_for_config(coarse, src_valid, size, kbc_config))
-  scores = apply(resample(source, src_crop), resample(target, trg_crop))
+  source, target = full or (source, target)
+  scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))
   pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)
   return jnp.where(src_valid[..., None], pred, src_kps)

@@ -154,7 +154,7 @@ def main(argv):
       builder = build.build(config.dataset.name, config.dataset.data_dir)
       for split, info in builder.info.splits.items():
         logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)
-      rundir.write_config(config, run_dir)
+      rundir.write_config(train.resolve_schedule(config, builder), run_dir)
       preview_data(config, run_dir)
     train.train_and_evaluate(config, run_dir)
 

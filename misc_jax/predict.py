@@ -43,22 +43,24 @@ _KEYPOINT_BLOCK = 32  # keypoint lists are padded to a multiple of this
 
 @dataclasses.dataclass
 class Pair:
-  """Two images resized to the network input, their original sizes (H, W), and source keypoints [N, 2]
-  in source pixels: a validated prediction request."""
+  """Two images resized to the network input (and to `full` px, which KBC's crops are cut from), their
+  original sizes (H, W), and source keypoints [N, 2] in source pixels: a validated prediction request."""
   source: np.ndarray
   target: np.ndarray
+  source_full: np.ndarray
+  target_full: np.ndarray
   source_hw: tuple[int, int]
   target_hw: tuple[int, int]
   keypoints: np.ndarray
 
 
-def read_pair(source_path: str, target_path: str, keypoints, size: int) -> Pair:
+def read_pair(source_path: str, target_path: str, keypoints, size: int, full: int) -> Pair:
   """Reads and checks one request (images decodable, keypoints inside the source image)."""
-  source, src_hw = load_image(source_path, size)
-  target, trg_hw = load_image(target_path, size)
+  (source, src_full), src_hw = load_image(source_path, (size, full))
+  (target, trg_full), trg_hw = load_image(target_path, (size, full))
   keypoints = np.asarray(keypoints, np.float32).reshape(-1, 2)
   check_keypoints(keypoints, src_hw, source_path)
-  return Pair(source, target, src_hw, trg_hw, keypoints)
+  return Pair(source, target, src_full, trg_full, src_hw, trg_hw, keypoints)
 
 
 @dataclasses.dataclass
@@ -76,7 +78,7 @@ class Predictor:
   def __post_init__(self):
     self._transfer = jax.jit(self._transfer_fn, static_argnames='use_kbc')
 
-  def _transfer_fn(self, source, target, kps, valid, use_kbc):
+  def _transfer_fn(self, source, target, full, kps, valid, use_kbc):
     variables = {'params': self.state.params, 'batch_stats': self.state.batch_stats}
     apply_fn = lambda s, t: _scores(self.state.apply_fn(variables, s, t))
     size = self.config.input.image_size
@@ -84,13 +86,13 @@ class Predictor:
         scores, k, v, size, **self.model_module.transfer_kwargs(self.config.model))
     pred = transfer(apply_fn(source, target), kps, valid)
     if use_kbc:
-      pred = kbc.predict(apply_fn, transfer, source, target, kps, valid, pred, self.config.kbc)
+      pred = kbc.predict(apply_fn, transfer, source, target, kps, valid, pred, self.config.kbc, full)
     return pred
 
   def __call__(self, source_path: str, target_path: str, keypoints, use_kbc: bool = True) -> np.ndarray:
     """Source keypoints [N, 2] (source pixels) -> target keypoints [N, 2] (target pixels)."""
-    return self.transfer(read_pair(source_path, target_path, keypoints, self.config.input.image_size),
-                         use_kbc)
+    return self.transfer(read_pair(source_path, target_path, keypoints, self.config.input.image_size,
+                                   full_size(self.config)), use_kbc)
 
   def transfer(self, pair: Pair, use_kbc: bool = True) -> np.ndarray:
     """The target keypoints [N, 2] of a read pair, in target pixels, inside the target image."""
@@ -100,10 +102,16 @@ class Predictor:
     padded = -(-n // _KEYPOINT_BLOCK) * _KEYPOINT_BLOCK  # a few shapes, so few compilations
     kps = np.zeros((1, padded, 2), np.float32)
     kps[0, :n] = pair.keypoints * to_input(pair.source_hw)
-    pred = self._transfer(pair.source[None], pair.target[None], kps, np.arange(padded)[None] < n,
+    full = (pair.source_full[None], pair.target_full[None])
+    pred = self._transfer(pair.source[None], pair.target[None], full, kps, np.arange(padded)[None] < n,
                           use_kbc=use_kbc)
     pred = np.asarray(pred[0, :n]) / to_input(pair.target_hw)
     return np.clip(pred, 0, [pair.target_hw[1], pair.target_hw[0]])
+
+
+def full_size(config) -> int:
+  """The side of the images KBC's crops are cut from: the input enlarged by kbc.max_scale."""
+  return round(config.kbc.max_scale * config.input.image_size)
 
 
 def _scores(out):
@@ -128,11 +136,12 @@ def read_image(path: str) -> np.ndarray:
     raise ValueError(f'{path}: cannot decode the image ({e})') from e
 
 
-def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """An image file -> (uint8 [size, size, 3] resized as in training, its (H, W) as displayed)."""
+def load_image(path: str, sizes) -> tuple[np.ndarray | list[np.ndarray], tuple[int, int]]:
+  """An image file -> (uint8 [size, size, 3] resized as in training, for a size or each of a list of sizes;
+  its (H, W) as displayed)."""
   pixels = read_image(path)
-  resized = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
-  return np.asarray(resized, np.uint8), pixels.shape[:2]
+  resize = lambda size: np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR), np.uint8)
+  return (resize(sizes) if isinstance(sizes, int) else [resize(size) for size in sizes]), pixels.shape[:2]
 
 
 def check_keypoints(keypoints: np.ndarray, hw: tuple[int, int], path: str) -> None:
@@ -207,7 +216,7 @@ def _source_keypoints(keypoints_path, bbox, grid):
   return read_keypoints(keypoints_path) if keypoints_path else grid_in_box(bbox, grid)
 
 
-def read_pairs_csv(csv_path: str, grid: int, size: int) -> list[tuple[str, str, Pair]]:
+def read_pairs_csv(csv_path: str, grid: int, size: int, full: int) -> list[tuple[str, str, Pair]]:
   """Batch mode's requests, all read and checked: (source path, target path, pair) per CSV row."""
   root = os.path.dirname(os.path.abspath(csv_path))
   try:
@@ -224,7 +233,8 @@ def read_pairs_csv(csv_path: str, grid: int, size: int) -> list[tuple[str, str, 
     try:
       bbox = row['bbox'].split(',') if row.get('bbox') else None
       kps = _source_keypoints(path('keypoints'), bbox, grid)
-      requests.append((path('source'), path('target'), read_pair(path('source'), path('target'), kps, size)))
+      requests.append((path('source'), path('target'),
+                       read_pair(path('source'), path('target'), kps, size, full)))
     except (ValueError, FileNotFoundError) as e:
       raise type(e)(f'{where}: {e}') from e
   return requests
@@ -259,13 +269,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   # Every input is read and checked before the model loads (which takes a while).
-  size = rundir.read_config(f.workdir).input.image_size
+  config = rundir.read_config(f.workdir)
+  size, full = config.input.image_size, full_size(config)
   rundir.parse_checkpoint(f.checkpoint)
   if f.pairs:
-    requests = read_pairs_csv(f.pairs, f.grid, size)
+    requests = read_pairs_csv(f.pairs, f.grid, size, full)
   elif f.source and f.target:
     kps = _source_keypoints(f.keypoints, f.bbox, f.grid)
-    requests = [(f.source, f.target, read_pair(f.source, f.target, kps, size))]
+    requests = [(f.source, f.target, read_pair(f.source, f.target, kps, size, full))]
   else:
     raise app.UsageError('give --source and --target (or --pairs)')
   predictor = Predictor.load(f.workdir, f.checkpoint)

@@ -68,10 +68,16 @@ def load_backbone(path: str) -> dict:
 _MSGPACK_MAP = (*range(0x80, 0x90), 0xde, 0xdf)  # first byte of a msgpack map (fixmap, map 16, map 32)
 
 
+def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
+  """config with its schedule in steps for the built dataset's training split (optim.resolve_schedule)."""
+  split = config.dataset.train_split
+  return optim.resolve_schedule(config, builder.info.splits[split].num_examples)
+
+
 def check_config(config) -> None:
   """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a global
   batch the devices do not divide, a backbone file that is missing or not a converted backbone, an
-  init_from run without checkpoints, a BatchNorm backbone that would train from random weights."""
+  init_from run without checkpoints, a BatchNorm backbone that would train from random weights unasked."""
   devices, batch = jax.device_count(), config.batch_size
   if batch % devices:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
@@ -90,6 +96,13 @@ def check_config(config) -> None:
                        'msgpack file from misc_jax.tools.convert_resnet)')
   if m.init_from and not (rundir.absolute(m.init_from) / 'checkpoints').exists():
     raise FileNotFoundError(f'config.model.init_from: {m.init_from} holds no checkpoints/ folder')
+  if (m.get('backbone_norm') == 'batch' and not m.backbone_init and not m.init_from
+      and not m.get('backbone_from_scratch')):
+    raise ValueError(
+        'config.model.backbone_norm is "batch": frozen BatchNorm statistics, meant for pretrained weights, '
+        'but no weights are given, so the backbone would train from random weights with identity '
+        'statistics. Set config.model.backbone_init to a converted backbone (python -m '
+        'misc_jax.tools.convert_resnet ...), or config.model.backbone_from_scratch=True to do exactly that.')
 
 
 def _merge_backbone(variables, backbone, source: str):
@@ -115,7 +128,9 @@ def _fresh_state(config, model) -> optim.TrainState:
 
 
 def state_shapes(config) -> optim.TrainState:
-  """The train state's abstract shapes (nothing is computed or read)."""
+  """The train state's abstract shapes (nothing is computed or read; the schedule does not matter)."""
+  if config.total_steps is None:
+    config = optim.resolve_schedule(config, config.batch_size)
   return jax.eval_shape(lambda: _fresh_state(config, create_model(config)[1]))
 
 
@@ -184,7 +199,8 @@ def _move_to_front(side, pick):
     idx = jnp.arange(x.shape[1])[None, :]
     order = jnp.where(idx == 0, pick[:, None], jnp.where(idx == pick[:, None], 0, idx))  # [B, I]
     return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
-  per_instance = ('keypoints', 'keypoint_valid', 'bboxes', 'instance_valid', 'masks')
+  per_instance = ('keypoints', 'keypoint_valid', 'bboxes', 'instance_valid', 'masks', 'dense_points',
+                  'dense_valid')
   return {k: swap(v) if k in per_instance else v for k, v in side.items()}
 
 
@@ -289,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     multihost_utils.sync_global_devices('dataset ready')
   builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
   category_names = builder.info.features['category'].names
+  config = resolve_schedule(config, builder)
 
   # Model, optimiser, restore.
   model_module, model = create_model(config)

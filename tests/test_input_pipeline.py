@@ -119,3 +119,49 @@ def test_preview_png_is_written(smoke_config, tmp_path):
   visualize.save_pairs(batch, str(path), num_pairs=2, category_names=['a', 'b', 'c', 'd', 'e'])
   image = np.asarray(__import__('PIL.Image').Image.open(path))
   assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 10
+
+
+def _dot_example(width, height, x, y):
+  side = _dot_side(width, height, x, y)
+  return {'pair_id': tf.constant('dot'), 'category': tf.constant(0), 'source': side, 'target': dict(side)}
+
+
+def test_box_crop_keeps_the_object_and_its_keypoint_on_the_dot(smoke_config):
+  """CATs' crop (p = 1 here): the window varies with the example, always holds the instance's box, and
+  the keypoint stays on the dot after crop and resize."""
+  smoke_config.input.augment.box_crop = 1.0
+  smoke_config.input.augment.photometric = False
+  scales = set()
+  for index in range(6):
+    out = input_pipeline.preprocess(_dot_example(160, 96, 40.5, 70.25), config=smoke_config, train=True,
+                                    index=tf.constant(index, tf.int64))['source']
+    image, kp = out['image'].numpy(), out['keypoints'].numpy()[0, 0]
+    zoom = out['scale'].numpy()  # a small window is enlarged: so is the dot's rasterisation error
+    np.testing.assert_allclose(_red_centroid(image), kp, atol=0.35 * zoom.max())
+    box = out['bboxes'].numpy()[0]
+    assert (box[:2] >= -1e-3).all() and (box[2:] <= 64 + 1e-3).all()
+    scales.add(round(float(box[2] - box[0]), 2))
+  assert len(scales) > 3  # the crops differ
+
+
+def test_cats_colour_augmentations_keep_the_image_valid_and_differ_from_the_original(smoke_config):
+  smoke_config.input.augment.photometric = False
+  plain = input_pipeline.preprocess(_dot_example(64, 64, 20, 30), config=smoke_config, train=True,
+                                    index=tf.constant(0, tf.int64))['source']['image'].numpy()
+  smoke_config.input.augment.cats_colour = 1.0  # every one of the seven
+  out = input_pipeline.preprocess(_dot_example(64, 64, 20, 30), config=smoke_config, train=True,
+                                  index=tf.constant(0, tf.int64))['source']['image'].numpy()
+  assert out.dtype == np.uint8 and out.shape == plain.shape and np.abs(out.astype(int) - plain).mean() > 5
+
+
+def test_equalize_matches_opencvs_formula():
+  from misc_jax import augment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  image = rng.integers(40, 120, (16, 16, 3)).astype(np.float32)
+  out = augment._equalize(tf.constant(image)).numpy()  # pylint: disable=protected-access
+  for c in range(3):
+    hist = np.bincount(image[..., c].astype(int).ravel(), minlength=256)
+    cdf = np.cumsum(hist)
+    first = cdf[hist > 0][0]
+    lut = np.round((cdf - first) * 255 / (image[..., c].size - first))
+    np.testing.assert_array_equal(out[..., c], lut[image[..., c].astype(int)])

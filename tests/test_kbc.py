@@ -11,6 +11,7 @@ from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import train
 from misc_jax.models import kbcnet
+from misc_jax.ops import grid as grids
 
 SIZE = 64
 PARAMS = dict(margin=0.1, fill=0.8, max_scale=4., small_threshold=0.5)
@@ -94,7 +95,8 @@ def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
   grid = SIZE // 8
   eye = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
   apply = lambda source, target: jnp.broadcast_to(eye, (source.shape[0],) + eye.shape[1:]) * 100.
-  transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE, beta=1.)
+  transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE,
+                                                                 grid=grids.resnet(8), beta=1.)
   kps = np.array([[[20., 22.], [26., 25.], [23., 30.]]], np.float32)  # a small object
   valid = np.array([[True, True, False]])
   images = jnp.zeros((1, SIZE, SIZE, 3))
@@ -124,3 +126,33 @@ def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   np.testing.assert_allclose(out['source']['keypoints'][i, 0],
                              kbc.to_crop(batch['source']['keypoints'][i:i + 1, 0],
                                          jax.tree.map(lambda v: v[i:i + 1], src_crop))[0], atol=1e-4)
+
+
+def test_crops_mask_the_keypoints_they_cut_off():
+  """A training crop around instance 0 leaves instance 1's far keypoints outside the window: no longer
+  valid, on either side (the loss must not chase points it cannot see)."""
+  kps = np.array([[[[20., 22.], [26., 25.]], [[2., 60.], [30., 30.]]]], np.float32)  # [1, I=2, K=2, 2]
+  side = {'image': jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), 'keypoints': kps,
+          'keypoint_valid': np.ones((1, 2, 2), bool), 'bboxes': np.zeros((1, 2, 4), np.float32),
+          'masks': np.zeros((1, 2, SIZE, SIZE), bool)}
+  crop = _crop(kps[:, 0], np.ones((1, 2), bool))
+  assert crop.scale[0] > 1.5
+  out = kbc.crop_side(side, crop)
+  np.testing.assert_array_equal(out['keypoint_valid'][0], [[True, True], [False, True]])
+  np.testing.assert_allclose(out['keypoints'], kbc.to_crop(kps, crop), atol=1e-5)
+
+
+def test_crops_cut_from_the_full_resolution_image_keep_its_detail():
+  """The same window from a 4x larger copy of the view: the geometry is the crop's (a smooth image gives
+  the same pixels) and the detail is the large copy's (a checkerboard of 4 px squares, averaged away at
+  SIZE px, survives)."""
+  crop = kbc.Crop(jnp.array([3.]), jnp.array([[40., 70.]]))
+  yy, xx = np.mgrid[0:4 * SIZE, 0:4 * SIZE] + 0.5
+  smooth = (128 + 100 * np.sin(xx / 40) * np.cos(yy / 53))[None, ..., None].astype(np.float32)
+  small = jax.image.resize(smooth, (1, SIZE, SIZE, 1), 'linear', antialias=True)
+  np.testing.assert_allclose(kbc.resample(jnp.asarray(smooth), crop, SIZE), kbc.resample(small, crop),
+                             atol=1.5)
+  checker = ((np.floor(xx / 4) + np.floor(yy / 4)) % 2 * 255)[None, ..., None].astype(np.float32)
+  checker_small = jax.image.resize(checker, (1, SIZE, SIZE, 1), 'linear', antialias=True)
+  assert float(kbc.resample(checker_small, crop).std()) < 20
+  assert float(kbc.resample(jnp.asarray(checker), crop, SIZE).std()) > 50

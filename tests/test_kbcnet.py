@@ -9,10 +9,19 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from misc_jax import input_pipeline
 from misc_jax import train
 from misc_jax.evaluators import pck as pck_evaluator
 from misc_jax.models import kbcnet
+from misc_jax.ops import grid as grids
+
+
+def _model(variant='kbcnet_tiny', **fields):
+  """KBCNet from a config's model fields (configs/common.py), with `fields` changed."""
+  model_config = common.kbcnet_config(variant, 'synthetic_misc/tiny', 64).model
+  model_config.update(fields)
+  return kbcnet.from_config(model_config)
 
 
 def _num_params(params):
@@ -21,7 +30,7 @@ def _num_params(params):
 
 def test_tiny_variant_shapes_and_parameter_count():
   """kbcnet_tiny: 551,317 parameters; scores [B, (S/8)^2, S/8, S/8] for every input size."""
-  model = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'))
+  model = _model(decoder_stride_dims='target')
   image = jnp.zeros((2, 64, 64, 3), jnp.uint8)
   variables = model.init(jax.random.key(0), image, image)
   assert _num_params(variables['params']) == 551_317
@@ -35,7 +44,7 @@ def test_tiny_variant_shapes_and_parameter_count():
 def test_initial_scores_are_the_mean_token_cosine():
   """At initialisation a cell's scores are the mean over scales of its tokens' cosines (the decoder's part
   starts at zero): an image against itself scores 1 at the same cell and at most 1 elsewhere."""
-  model = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'))
+  model = _model(decoder_stride_dims='target')
   image = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3)), jnp.uint8)
   scores = model.apply(model.init(jax.random.key(0), image, image), image, image)  # [1, 64, 8, 8]
   flat = np.asarray(scores).reshape(64, 64)
@@ -54,7 +63,7 @@ def test_token_correlation_keeps_negative_cosines():
 @pytest.mark.parametrize('variant,count', [('kbcnet_r50', 24_267_749), ('kbcnet_r101', 43_259_877)])
 def test_full_variants_initialise_from_shapes_in_seconds(variant, count):
   """kbcnet_r50: 24,267,749 parameters; kbcnet_r101: 43,259,877 (ResNet-101 without fc: 42.5M)."""
-  model = kbcnet.KBCNet(**kbcnet.decode_variant(variant))
+  model = _model(variant, decoder_stride_dims='target')
   image = jax.ShapeDtypeStruct((2, 240, 240, 3), jnp.uint8)
   start = time.perf_counter()
   variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
@@ -79,7 +88,8 @@ def test_identity_volume_returns_keypoints_where_they_started(grid, transfer):
   kps = np.random.default_rng(grid).uniform(0, size, (1, 20, 2)).astype(np.float32)
   valid = np.ones((1, 20), bool)
   valid[0, -1] = False
-  pred = kbcnet.predict_keypoints(eye, kps, valid, size, transfer=transfer, beta=0.01)
+  pred = kbcnet.predict_keypoints(eye, kps, valid, size, grid=grids.resnet(8), transfer=transfer,
+                                  beta=0.01)
   np.testing.assert_allclose(pred[valid], kps[valid], atol=1e-3)
   np.testing.assert_array_equal(pred[0, -1], kps[0, -1])  # invalid: unchanged
 
@@ -87,13 +97,14 @@ def test_identity_volume_returns_keypoints_where_they_started(grid, transfer):
 def test_training_loss_transfers_every_annotated_source_instance():
   """Identity scores, two source instances: instance 0 sits on target instance 1 (transfer error 0),
   instance 1 lies 11 px or more off every target instance. The loss is the pair's mean over annotated source
-  instances; an unannotated instance, or keypoints a crop pushed outside the image, add nothing."""
+  instances; an unannotated instance adds nothing."""
   grid, size = 4, 32
   config = ml_collections.ConfigDict(dict(
       input=dict(image_size=size),
-      model=dict(transfer='soft_argmax', beta=1e-3, sigma=5., match_loss_weight=0.)))
+      model=dict(transfer='soft_argmax', beta=1e-3, sigma=5., match_loss_weight=0., feature_stride=8,
+                 match_targets='nearest', transfer_loss_weight=1.)))
   scores = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
-  centre = lambda i, j: [8. * i + 4, 8. * j + 4]  # a cell centre, x then y
+  centre = lambda i, j: [8. * i + 0.5, 8. * j + 0.5]  # a cell centre, x then y
   source = {'keypoints': np.array([[[centre(0, 0), centre(1, 2)], [centre(3, 3), centre(2, 0)]]]),
             'keypoint_valid': np.ones((1, 2, 2), bool), 'instance_valid': np.ones((1, 2), bool),
             'image': None}
@@ -107,9 +118,6 @@ def test_training_loss_transfers_every_annotated_source_instance():
   off = (np.hypot(8, 8) + np.hypot(8, 16)) / 2 / size
   np.testing.assert_allclose(loss(source), off / 2, atol=1e-4)
   np.testing.assert_allclose(loss(dict(source, instance_valid=np.array([[True, False]]))), 0., atol=1e-4)
-  outside = source['keypoints'].copy()
-  outside[0, 1] = -5.
-  np.testing.assert_allclose(loss(dict(source, keypoints=outside)), 0., atol=1e-4)
 
 
 def test_training_loss_keeps_the_whole_image_soft_argmax_whatever_the_prediction_rule():
@@ -124,20 +132,21 @@ def test_training_loss_keeps_the_whole_image_soft_argmax_whatever_the_prediction
   batch = {'source': side(kps), 'target': side(kps[:, ::-1])}
   config = lambda transfer: ml_collections.ConfigDict(dict(
       input=dict(image_size=size),
-      model=dict(transfer=transfer, beta=0.5, sigma=1., match_loss_weight=0.1)))
+      model=dict(transfer=transfer, beta=0.5, sigma=1., match_loss_weight=0.1, feature_stride=8,
+                 match_targets='nearest', transfer_loss_weight=1.)))
   loss = lambda transfer: kbcnet.train_loss(lambda *_: scores, batch, config(transfer))[0]
-  predict = lambda transfer: kbcnet.predict_keypoints(scores, kps, valid, size, transfer=transfer,
+  predict = lambda transfer: kbcnet.predict_keypoints(scores, kps, valid, size, grid=grids.resnet(8),
+                                                      transfer=transfer,
                                                       beta=0.5, sigma=1.)
   assert np.abs(predict('soft_argmax') - predict('kernel_soft_argmax')).max() > 1  # the rules differ here
   np.testing.assert_array_equal(loss('kernel_soft_argmax'), loss('soft_argmax'))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_scores():
-  fields = kbcnet.decode_variant('kbcnet_tiny')
   image = jnp.full((1, 64, 64, 3), 128, jnp.uint8)
-  f32 = kbcnet.KBCNet(**fields)
+  f32 = _model()
   variables = f32.init(jax.random.key(0), image, image)
-  scores = kbcnet.KBCNet(**fields, dtype='bfloat16').apply(variables, image, image)
+  scores = _model(dtype='bfloat16').apply(variables, image, image)
   assert {x.dtype for x in jax.tree.leaves(variables['params'])} == {jnp.dtype('float32')}
   assert scores.dtype == jnp.float32
   reference = f32.apply(variables, image, image)
@@ -175,8 +184,8 @@ def test_overfits_one_batch(smoke_config):
 
 def test_chunked_decoder_gives_the_same_scores_and_gradients():
   """decoder_chunk_rows computes the correlation, decoder and heads a few source rows at a time."""
-  plain = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'))
-  chunked = kbcnet.KBCNet(**kbcnet.decode_variant('kbcnet_tiny'), decoder_chunk_rows=2)
+  plain = _model(decoder_stride_dims='target')  # chunks need it
+  chunked = _model(decoder_stride_dims='target', decoder_chunk_rows=2)
   rng = np.random.default_rng(0)
   source, target = (jnp.asarray(rng.integers(0, 256, (2, 48, 48, 3)), jnp.uint8) for _ in range(2))
   params = plain.init(jax.random.key(0), source, target)['params']
@@ -191,3 +200,34 @@ def test_chunked_decoder_gives_the_same_scores_and_gradients():
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_bilinear_cell_targets_have_their_expectation_at_the_point():
+  grid, hw = grids.resnet(8), (16, 16)
+  points = np.random.default_rng(0).uniform(0.5, 120.5, (50, 2)).astype(np.float32)  # inside the centres
+  index, weight = kbcnet.cell_targets(points, grid, hw)
+  centres = np.stack(np.meshgrid(grid.centres(16), grid.centres(16), indexing='xy'), -1).reshape(-1, 2)
+  np.testing.assert_allclose((weight[..., None] * centres[index]).sum(1), points, atol=1e-3)
+  np.testing.assert_allclose(weight.sum(-1), 1, atol=1e-6)
+  index, weight = kbcnet.cell_targets(points, grid, hw, 'nearest')
+  nearest = np.argmin(np.linalg.norm(centres[None] - points[:, None], axis=-1), -1)
+  np.testing.assert_array_equal(index[:, 0], nearest)
+  np.testing.assert_array_equal(weight[:, 0], 1)
+
+
+def test_match_loss_is_the_cross_entropy_of_the_closest_instance():
+  """Scores whose softmax is exactly instance 1's bilinear targets: the loss is those targets' entropy,
+  its minimum, whatever instance 0 (elsewhere) does; scores aimed at neither cost more."""
+  grid, hw, beta = grids.resnet(8), (4, 4), 0.1
+  src = np.array([[[12.3, 9.1]]], np.float32)  # one source point [B, K, 2]
+  trg = np.array([[[[4.5, 20.0]], [[13.7, 17.2]]]], np.float32)  # two target instances [B, I, K, 2]
+  valid = np.ones((1, 2, 1), bool)
+  index, weight = kbcnet.cell_targets(trg[0, 1, 0], grid, hw)
+  probs = np.full(16, 1e-9)
+  probs[np.asarray(index)] = weight
+  scores = np.broadcast_to(beta * np.log(probs), (1, 16, 16)).reshape(1, 16, 4, 4)  # every source row
+  loss = kbcnet.match_loss(scores, src, np.ones((1, 1), bool), trg, valid, grid, beta)
+  entropy = -(weight * np.log(weight)).sum()
+  np.testing.assert_allclose(loss, [entropy], rtol=1e-3)
+  shifted = np.roll(scores, 5, axis=-1)
+  assert float(kbcnet.match_loss(shifted, src, np.ones((1, 1), bool), trg, valid, grid, beta)[0]) > entropy + 1

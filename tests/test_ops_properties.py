@@ -12,6 +12,7 @@ import pytest
 
 from misc_jax.ops import conv4d
 from misc_jax.ops import correlation
+from misc_jax.ops import grid
 from misc_jax.ops import pck
 from misc_jax.ops import soft_argmax
 
@@ -157,3 +158,27 @@ def test_center_pivot_conv_refuses_branches_of_different_shapes():
                                        r'branch \(1, 5, 5, 3, 3, 4\)'):
     conv.init(jax.random.key(0), x)
   assert conv4d.CenterPivotConv4d(4, (3, 3, 3, 3), (1, 1, 2, 2)).init(jax.random.key(0), x)  # the default
+
+
+@pytest.mark.parametrize('source,target,n_in,n_out', [
+    (grid.resnet(16), grid.resnet(8), 8, 16),      # CSFA: layer3 onto the stride-8 grid
+    (grid.resnet(32), grid.resnet(8), 4, 16),      # layer4
+    (grid.resnet(4), grid.resnet(16), 64, 16),     # the stem onto a stride-16 grid (averaging)
+    (grid.Grid(1, 0.5), grid.resnet(8), 128, 16),  # pixels -> cells (mask targets)
+    (grid.resnet(8), grid.Grid(1, 0.5), 16, 128),  # cells -> pixels (predicted masks)
+    (grid.patches(14), grid.resnet(14), 9, 9),     # ViT patches onto ResNet-style centres
+])
+def test_resampling_lines_up_cell_centres(source, target, n_in, n_out):
+  """A map whose value is the pixel coordinate of each cell's centre resamples to the target cells' own
+  centres wherever the target cell lies inside the source's span (outside it, the edge value is held)."""
+  ramp = np.asarray(source.centres(n_in))
+  x = np.stack(np.meshgrid(ramp, ramp, indexing='ij'), -1)[None]  # [1, n, n, 2]: (y, x) of each centre
+  out = np.asarray(grid.resample(jnp.asarray(x), (1, 2), source, target, (n_out, n_out)))
+  want = np.asarray(target.centres(n_out))
+  margin = 0 if target.stride <= source.stride else target.stride  # the averaging window, when coarser
+  inside = (want >= ramp[0] + margin - 1e-6) & (want <= ramp[-1] - margin + 1e-6)
+  assert inside.sum() >= n_out // 2
+  np.testing.assert_allclose(out[0, inside][:, inside, 0], want[inside][:, None].repeat(inside.sum(), 1),
+                             atol=1e-3)
+  np.testing.assert_allclose(out[0][inside][:, inside, 1], want[inside][None].repeat(inside.sum(), 0),
+                             atol=1e-3)

@@ -1,25 +1,77 @@
-"""The optimiser: frozen stages get no updates, the rest do."""
+"""The optimiser: frozen stages get no gradient and no update, the rest do; the schedule in epochs; the
+learning-rate rule for other global batches."""
 
 import jax
 import numpy as np
+import pytest
 
+from misc_jax import input_pipeline
 from misc_jax import optim
 from misc_jax import train
 
 
-def test_freezing_stages_zeroes_their_updates(smoke_config):
+def test_frozen_stages_get_no_gradient_and_no_update(smoke_config):
+  """Stages 0-1 (stem, layer1) frozen: their gradients are exactly zero (stop_gradient at the boundary,
+  so they neither cost a backward pass nor take a share of the clipping norm) and they never move."""
   with smoke_config.unlocked():
-    smoke_config.model.freeze_stages = 2  # stem and layer1
-  model = train.create_model(smoke_config)[1]
+    smoke_config.model.freeze_stages = 2
+  model_module, model = train.create_model(smoke_config)
   state = train.initial_state(smoke_config, model)
-  labels = optim.param_labels(state.params, 2)
+  labels = optim.param_labels(state.params, smoke_config.model)
   assert labels['backbone']['conv1']['kernel'] == 'frozen'
   assert labels['backbone']['layer1_0']['conv1']['kernel'] == 'frozen'
   assert labels['backbone']['layer2_0']['conv1']['kernel'] == 'backbone'
   assert labels['csfa']['proj0']['kernel'] == 'head'
-  grads = jax.tree.map(np.ones_like, state.params)
-  new = state.apply_gradients(grads=grads).apply_gradients(grads=grads)  # step 0 has lr 0 (warmup)
+  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
+                       next(input_pipeline.train_iterator(smoke_config, to_device=False)))
+
+  @jax.jit
+  def grads_and_update(state):
+    def loss(params):
+      apply = lambda s, t: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, s, t)
+      return model_module.train_loss(apply, batch, smoke_config)[0]
+    grads = jax.grad(loss)(state.params)
+    return grads, state.apply_gradients(grads=grads).apply_gradients(grads=grads)  # step 0 has lr 0
+
+  grads, new = grads_and_update(state)
+  frozen = [g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if path[1].key in ('conv1', 'bn1', 'layer1_0')]
+  assert frozen and all(not np.any(g) for g in frozen)
+  assert np.any(grads['backbone']['layer2_0']['conv1']['kernel'])
   np.testing.assert_array_equal(new.params['backbone']['layer1_0']['conv1']['kernel'],
                                 state.params['backbone']['layer1_0']['conv1']['kernel'])
   assert not np.array_equal(new.params['backbone']['layer2_0']['conv1']['kernel'],
                             state.params['backbone']['layer2_0']['conv1']['kernel'])
+
+
+def test_epochs_give_the_steps_and_the_learning_rate_follows_the_batch(smoke_config):
+  with smoke_config.unlocked():
+    smoke_config.total_steps = None
+    smoke_config.num_epochs = 2.5
+    smoke_config.optim.warmup_epochs = 0.5
+    smoke_config.optim.reference_batch_size = 8
+    smoke_config.batch_size = 32
+  config = optim.resolve_schedule(smoke_config, num_examples=1000)
+  assert config.total_steps == 79 and config.optim.warmup_steps == 16  # ceil(2.5 * 1000 / 32), ceil(15.6)
+  assert optim.lr_scale(config) == pytest.approx(2.)  # sqrt(32 / 8)
+  with config.unlocked():
+    config.optim.lr_scaling = 'linear'
+  assert optim.lr_scale(config) == pytest.approx(4.)
+  with config.unlocked():
+    config.total_steps = 5  # an explicit step count wins
+  assert optim.resolve_schedule(config, 1000).total_steps == 5
+  with pytest.raises(ValueError, match='set config.num_epochs or config.total_steps'):
+    with smoke_config.unlocked():
+      smoke_config.num_epochs = None
+    optim.resolve_schedule(smoke_config, 1000)
+  # The rate the optimiser reaches at the end of the warmup is the scaled one: with a constant gradient
+  # Adam's step is the learning rate itself.
+  with config.unlocked():
+    config.optim.lr_scaling = 'sqrt'
+    config.total_steps = 79
+  params = {'head': np.zeros(3, np.float32)}
+  tx = optim.create_optimizer(config, params)
+  opt_state, grads = tx.init(params), {'head': np.ones(3, np.float32)}
+  for _ in range(config.optim.warmup_steps + 1):
+    updates, opt_state = tx.update(grads, opt_state, params)
+  np.testing.assert_allclose(updates['head'], -2 * config.optim.lr, rtol=1e-3)

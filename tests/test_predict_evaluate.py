@@ -91,7 +91,7 @@ def test_predict_writes_keypoints_and_a_picture(predictor, images, tmp_path):
   (tmp_path / 'pairs.csv').write_text('source,target,keypoints,bbox\n'
                                        'source.png,target.png,kps.json,\n'
                                        'source.png,target.png,,"4,4,40,30"\n')
-  requests = predict.read_pairs_csv(str(tmp_path / 'pairs.csv'), grid=3, size=64)
+  requests = predict.read_pairs_csv(str(tmp_path / 'pairs.csv'), grid=3, size=64, full=160)
   predict.predict_pairs(predictor, requests, str(tmp_path / 'batch'), use_kbc=True)
   second = json.loads((tmp_path / 'batch' / '00001.json').read_text())
   assert np.asarray(second['target_keypoints']).shape == (9, 2)
@@ -156,6 +156,7 @@ def test_predictions_stay_inside_the_target_image():
   """A volume whose read-out extrapolates past the last cell (source cell 14 maps to target cell 10,
   cell 15 to 15): a keypoint at the right border would land 15 px outside the 128 px image."""
   from misc_jax.models import kbcnet  # pylint: disable=g-import-not-at-top
+  from misc_jax.ops import grid as grids  # pylint: disable=g-import-not-at-top
   grid, size = 16, 128
   target_cell = np.arange(grid)
   target_cell[14] = 10
@@ -165,7 +166,7 @@ def test_predictions_stay_inside_the_target_image():
       scores[0, y, x, y, target_cell[x]] = 1.
   kps = np.array([[[127.9, 60.], [64., 64.]]], np.float32)
   pred = kbcnet.predict_keypoints(scores.reshape(1, grid * grid, grid, grid), kps, np.ones((1, 2), bool),
-                                  size, beta=1e-3)
+                                  size, grid=grids.resnet(8), beta=1e-3)
   assert (pred >= 0).all() and (pred <= size).all()
   np.testing.assert_allclose(pred[0, 0, 0], size)  # clamped at the border, not dropped
   np.testing.assert_allclose(pred[0, 1], [64., 64.], atol=1e-3)
@@ -221,3 +222,13 @@ def test_predict_checks_its_inputs_before_loading_the_model(run_dir, images, tmp
   assert result.returncode != 0
   assert 'source keypoint 1 [900.0, 3.0] lies outside' in result.stderr, result.stderr[-2000:]
   assert 'no checkpoint' not in result.stderr
+
+
+def test_kbc_sweep_tabulates_every_setting_with_kbc_off_first(run_dir, tiny_data_dir):
+  from misc_jax.tools import sweep_kbc  # pylint: disable=g-import-not-at-top
+  rows = sweep_kbc.sweep(str(run_dir), 'validation', {'max_scale': [1.5, 3.0]}, data_dir=tiny_data_dir)
+  assert [r['kbc'] for r in rows] == [False, {'max_scale': 1.5}, {'max_scale': 3.0}]
+  assert all(r['num_pairs'] == 3 and 0 <= r['pck@0.1'] <= 1 for r in rows)
+  table = sweep_kbc.table(rows).splitlines()
+  assert table[0].startswith('| max_scale | fill | margin | small_threshold | pck@0.05')
+  assert table[2].startswith('| KBC off |') and len(table) == 5

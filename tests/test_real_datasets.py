@@ -68,6 +68,9 @@ def test_misc210k_values(data_dir):
   np.testing.assert_array_equal(grey['masks'][0, ..., 0] > 0, _rectangle((36, 36), (10, 20), (12, 30)))
   person = pairs['person-3-4']
   assert person['category'] == 0 and len(person['source']['instance_ids']) == 1
+  held_out = _pairs('misc210k', data_dir, 'validation')  # images 20, 124: CRC-32 of their names
+  assert set(held_out) == {'dog-20-124', 'dog-124-20'}
+  np.testing.assert_array_equal(held_out['dog-20-124']['source']['keypoints'][0, [0, 2]], [[5, 6], [20, 20]])
   test = _pairs('misc210k', data_dir, 'test')
   assert set(test) == {'cat-10-11', 'cat-11-10'}
   assert len(test['cat-10-11']['source']['instance_ids']) == 2
@@ -266,6 +269,15 @@ def test_a_random_model_evaluates_on_every_dataset(name, data_dir, random_model)
   if name == 'spair71k':
     truncation = metrics['per_attribute']['truncation']
     assert {level: v['num_pairs'] for level, v in truncation.items()} == {'0': 1, '3': 1}
+
+
+def test_a_build_short_of_the_official_pair_counts_says_by_how_much(data_dir):
+  lines = build.shortfall(build.get_builder('spair71k', data_dir))
+  assert 'spair71k/large/1.0.0 test: 2 pairs, 12,232 short of the official 12,234' in lines
+  assert len(lines) == 3
+  assert build.shortfall(build.get_builder('pf_willow', data_dir)) == [
+      'pf_willow/1.0.0 test: 3 pairs, 897 short of the official 900']
+  assert build.shortfall(build.get_builder('misc210k', data_dir)) == []  # no official counts exist
 
 
 def test_pf_pascal_chm_validation_and_test_files_have_no_flip_column(data_dir):

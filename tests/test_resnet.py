@@ -1,4 +1,5 @@
-"""The Flax ResNet-101 with converted torchvision weights matches torchvision (shared/golden formula)."""
+"""The Flax ResNet-101 with converted torchvision weights matches torchvision (shared/golden formula); where
+its feature cells sit in the image."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import jax
 import numpy as np
 
 from misc_jax.models import resnet
+from misc_jax.ops import grid as grids
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
 
@@ -52,3 +54,29 @@ def test_resnet101_matches_torchvision():
     np.testing.assert_allclose(nchw(block), golden['layer3_block_outputs'][j], err_msg=f'block {j}',
                                **tol)
   np.testing.assert_allclose(out['logits'], golden['logits'], **tol)
+
+
+def test_a_feature_cell_is_centred_on_pixel_stride_times_its_index():
+  """A one-hot input pixel through the real backbone with positive constant weights (every layer then
+  linear and symmetric): each stride-s map responds around cell p / s, which ops/grid.py places at
+  continuous coordinate s * i + 0.5, the pixel's centre, not at s * (i + 1/2)."""
+  model = resnet.ResNet((1, 1, 1, 1), width=8)
+  image = np.zeros((1, 256, 256, 3), np.float32)
+  variables = model.init(jax.random.key(0), image)
+  fan_in = lambda k: np.prod(k.shape[:-1])
+  params = jax.tree.map(lambda x: np.full(x.shape, 1 / fan_in(x) if x.ndim == 4 else 1., np.float32),
+                        variables['params'])  # kernels 1 / fan-in, BatchNorm scale 1
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.zeros_like(x) if path[-1].key == 'bias' else x, params)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.zeros_like(x) if path[-1].key == 'mean' else np.ones_like(x),
+      variables['batch_stats'])
+  y, x = 128, 96
+  image[0, y, x] = 1.
+  out = model.apply({'params': params, 'batch_stats': stats}, image)
+  for name, stride in (('stem', 4), ('layer1', 4), ('layer2', 8), ('layer3', 16), ('layer4', 32)):
+    response = np.asarray(out[name][0]).sum(-1)  # [h, w]
+    rows, cols = np.mgrid[:response.shape[0], :response.shape[1]]
+    centroid = np.array([(cols * response).sum(), (rows * response).sum()]) / response.sum()
+    expected = grids.resnet(stride).to_cells(np.array([x + 0.5, y + 0.5]))  # the pixel's centre
+    np.testing.assert_allclose(centroid, expected, atol=1e-3, err_msg=name)

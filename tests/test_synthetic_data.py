@@ -17,7 +17,7 @@ CONFIGS = {c.name: c for c in synthetic.Builder.BUILDER_CONFIGS}
 def _digest(example):
   h = hashlib.sha256()
   for side in features.SIDES:
-    for key in ('image', 'keypoints', 'keypoint_visible', 'bboxes', 'masks'):
+    for key in ('image', 'keypoints', 'keypoint_visible', 'bboxes', 'masks', 'dense_points', 'dense_visible'):
       h.update(np.ascontiguousarray(example[side][key]).tobytes())
   return h.hexdigest()
 
@@ -79,6 +79,31 @@ def test_keypoints_are_semantic_per_category():
   for name, family in shapes.CATEGORIES.items():
     counts = {len(family(rng).keypoints) for _ in range(5)}
     assert len(counts) == 1 and 6 <= counts.pop() <= shapes.NUM_KEYPOINTS, name
+
+
+def test_dense_points_agree_with_the_keypoints_they_extend():
+  """Dense point 3e + 1 is the midpoint of outline edge e, point 3e + t of the (t / 4) point along it: in
+  pixels they must equal those combinations of the instance's own (visible) keypoints, in every image
+  (an affine pose maps combinations to combinations). Visible dense points sit on their instance."""
+  checked = 0
+  for index in range(10):
+    ex = synthetic.make_pair(CONFIGS['default'], 'validation', index)
+    outline = list(shapes.OUTLINES[ex['category']])
+    for side in features.SIDES:
+      s = ex[side]
+      for kps, vis, dense, seen, mask in zip(s['keypoints'], s['keypoint_visible'], s['dense_points'],
+                                             s['dense_visible'], s['masks']):
+        for e, (a, b) in enumerate(zip(outline, outline[1:] + outline[:1])):
+          for t in (1, 2, 3):
+            if vis[a] and vis[b] and seen[3 * e + t - 1]:
+              np.testing.assert_allclose(dense[3 * e + t - 1], kps[a] + t / 4 * (kps[b] - kps[a]), atol=1e-3)
+              checked += 1
+        rows, cols = np.nonzero(mask)
+        for x, y in dense[seen]:  # on the instance's visible silhouette, or in a pixel next to it
+          assert np.min(np.hypot(cols + 0.5 - x, rows + 0.5 - y)) <= 1.5 * np.sqrt(2)
+        assert (dense[~seen] == -1).all() and not seen[len(shapes.dense_weights(ex['category']).any(-1)
+                                                           .nonzero()[0]):].any()
+  assert checked > 200
 
 
 def _side():

@@ -91,7 +91,23 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
       f.writelines(f'{split}\t{key}\t{reason}\n' for split, key, reason in skipped)
     logging.warning('Skipped %d bad examples; keys and reasons in %s', len(skipped),
                     os.path.join(builder.data_dir, SKIP_LOG))
+  for line in shortfall(builder):
+    logging.warning(line)
   return builder
+
+
+def shortfall(builder) -> list[str]:
+  """A line for each split with fewer pairs than the benchmark's official count (the builder's
+  OFFICIAL_PAIRS, by config name): results on it are not comparable with published ones."""
+  official = getattr(builder, 'OFFICIAL_PAIRS', {}).get(
+      builder.builder_config.name if builder.builder_config else '', {})
+  lines = []
+  for split, count in official.items():
+    have = builder.info.splits[split].num_examples if split in builder.info.splits else 0
+    if have < count:
+      lines.append(f'{builder.info.full_name} {split}: {have:,} pairs, {count - have:,} short of the '
+                   f'official {count:,}')
+  return lines
 
 
 def _define_flags():

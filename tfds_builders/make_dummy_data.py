@@ -19,9 +19,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _RNG = np.random.default_rng(0)
 
 
-def _image(path, width, height, grey=False):
+def _image(path, width, height, grey=False, rng=None):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  pixels = _RNG.integers(0, 256, (height, width) if grey else (height, width, 3), dtype=np.uint8)
+  rng = rng or _RNG
+  pixels = rng.integers(0, 256, (height, width) if grey else (height, width, 3), dtype=np.uint8)
   Image.fromarray(pixels).save(path)
 
 
@@ -62,9 +63,13 @@ def misc210k(root):
   entries = {1: ('COCO_train2014_000000000001.jpg', 40, 48), 2: ('COCO_train2014_000000000002.jpg', 32, 40),
              3: ('COCO_val2014_000000000003.jpg', 36, 36), 4: ('COCO_train2014_000000000004.jpg', 30, 30),
              5: ('COCO_train2014_000000000005.jpg', 30, 30), 10: ('COCO_val2014_000000000010.jpg', 32, 32),
-             11: ('COCO_val2014_000000000011.jpg', 32, 40)}
+             11: ('COCO_val2014_000000000011.jpg', 32, 40),
+             # CRC-32 of these names puts them in the held-out validation split (the builder's docstring).
+             20: ('COCO_train2014_000000000020.jpg', 30, 36), 124: ('COCO_train2014_000000000124.jpg', 36, 30)}
+  held_out_rng = np.random.default_rng(20)  # added later: the other fixtures' images stay as they were
   for image_id, (name, h, w) in entries.items():
-    _image(os.path.join(images, name), w, h, grey=image_id == 3)
+    _image(os.path.join(images, name), w, h, grey=image_id == 3,
+           rng=held_out_rng if image_id in (20, 124) else None)
 
   def ann(ann_id, image_id, category_id, bbox, segmentation, keypoints, iscrowd=0):
     kps = _coco_keypoints(keypoints)
@@ -86,6 +91,8 @@ def misc210k(root):
       ann(107, 4, 1, [5, 5, 20, 20], [[5, 5, 25, 5, 25, 25, 5, 25]], {5: (15, 22, 2), 6: (10, 8, 2)}),
       ann(108, 5, 18, [0, 0, 30, 30], _rectangle_rle(30, 30, (0, 30), (0, 30), compressed=False), {},
           iscrowd=1),
+      ann(109, 20, 18, [3, 4, 20, 20], [[3, 4, 23, 4, 23, 24, 3, 24]], {0: (5, 6, 2), 2: (20, 20, 2)}),
+      ann(110, 124, 18, [5, 5, 20, 15], [[5, 5, 25, 5, 25, 20, 5, 20]], {0: (7, 8, 2), 2: (22, 18, 1)}),
   ]
   test = [
       ann(201, 10, 17, [2, 2, 12, 12], [[2, 2, 14, 2, 14, 14, 2, 14]], {0: (5, 5, 2), 3: (12, 12, 2)}),
@@ -98,7 +105,7 @@ def misc210k(root):
                         'width': entries[i][2]} for i in ids],
             'annotations': annotations, 'categories': categories}
 
-  _json(os.path.join(split_dir, 'misc_trainvalno5k.json'), coco([1, 2, 3, 4, 5], train))
+  _json(os.path.join(split_dir, 'misc_trainvalno5k.json'), coco([1, 2, 3, 4, 5, 20, 124], train))
   _json(os.path.join(split_dir, 'misc_5k.json'), coco([10, 11], test))
 
 

@@ -27,6 +27,7 @@ import scipy.optimize
 
 from misc_jax import input_pipeline
 from misc_jax.models import dual_path
+from misc_jax.models import kbcnet
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -44,11 +45,12 @@ def eval_step(state, batch, *, config):
   src_kps, src_valid, _, _ = dual_path.instance_pair_targets(batch)
   transfer = functools.partial(dual_path.transfer_into, scores, src_kps=src_kps, src_valid=src_valid,
                                size=size, model_config=config.model)
-  result = {'oracle': transfer(dual_path.grid_masks(batch['target']['masks'], grid))}  # [B, J, I, K, 2]
+  cells = kbcnet.feature_grid(config.model)
+  result = {'oracle': transfer(dual_path.grid_masks(batch['target']['masks'], grid, cells))}  # [B, J, I, K, 2]
   if 'mask_logits' in out:
     logits = out['mask_logits']  # [2, B, Q, H, W]
     result['queries'] = transfer(jax.nn.sigmoid(logits[1]))  # [B, Q, I, K, 2]
-    result['masks'] = jax.image.resize(logits, logits.shape[:3] + (size, size), 'linear') > 0
+    result['masks'] = dual_path.upsample_masks(logits, size, cells) > 0
     result['objectness'] = jax.nn.sigmoid(out['objectness'])  # [2, B, Q]
   else:
     result['queries'] = transfer(jnp.ones((scores.shape[0], 1, grid, grid)))  # [B, 1, I, K, 2]

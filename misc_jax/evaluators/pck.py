@@ -5,7 +5,10 @@ instance (see models/kbcnet.py); threshold alpha * max(w, h) of that instance's 
 PF-WILLOW) or of the network input (`image`, PF-PASCAL, whose inputs are resized to a square). Per-image
 PCK (the field's headline number) averages over pairs with a valid keypoint; per-keypoint PCK pools them.
 Datasets with pair attributes (SPair-71k's viewpoint, scale, truncation, occlusion, mirror) also get
-per-image PCK for each value of each attribute (values 0 to ATTRIBUTE_LEVELS - 1).
+per-image PCK for each value of each attribute (values 0 to ATTRIBUTE_LEVELS - 1). `config.eval.
+extra_thresholds` adds PCK under other thresholds, labelled `pck_<name>@a`: 'chm' is CHM's PF-WILLOW
+rule (padding slots inflate the keypoint extent; ops/pck.py), so PF-WILLOW results can stand next to the
+peers' published numbers as well as ours.
 """
 
 import functools
@@ -34,24 +37,33 @@ def predict(state, batch, *, model_module, config):
   source, target = batch['source']['image'], batch['target']['image']
   pred = transfer(apply(source, target), src_kps, src_valid)
   if config.kbc.eval:  # a second pass on crops around the keypoints (misc_jax/kbc.py)
+    full = (batch['source']['image_full'], batch['target']['image_full'])
     pred = kbc.predict(apply, transfer, source, target, src_kps, src_valid,
-                       pred if config.kbc.coarse_pass else None, config.kbc)
+                       pred if config.kbc.coarse_pass else None, config.kbc, full)
   _, best, _ = model_module.match_instances(pred, trg_kps, valid, size)
   take = lambda x: jnp.take_along_axis(x, best.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
   return {'src': src_kps, 'pred': pred, 'gt': take(trg_kps), 'valid': take(valid),
           'bbox': take(boxes)}
 
 
+def _threshold(name: str, out, size: int):
+  """The per-pair PCK threshold [B] of one rule."""
+  if name == 'bbox':
+    return pck.bbox_threshold(out['bbox'])
+  if name == 'image':
+    return pck.image_threshold((size, size), out['pred'].shape[0])
+  if name == 'chm':
+    return pck.chm_padded_keypoint_threshold(out['gt'], out['valid'], size)
+  raise ValueError(f'unknown PCK threshold {name!r}; expected bbox, image or chm')
+
+
 def eval_step(state, batch, *, model_module, config, num_categories: int):
   """Sums over all devices of one batch's PCK counts, and this device's predictions."""
   out = predict(state, batch, model_module=model_module, config=config)
   size = config.input.image_size
-  b = out['pred'].shape[0]
-  if config.eval.threshold == 'bbox':
-    threshold = pck.bbox_threshold(out['bbox'])
-  else:
-    threshold = pck.image_threshold((size, size), b)
-  res = pck.pck(out['pred'], out['gt'], out['valid'], threshold, config.eval.alphas)
+  score = lambda name: pck.pck(out['pred'], out['gt'], out['valid'], _threshold(name, out, size),
+                               config.eval.alphas)
+  res = score(config.eval.threshold)
   counted = (batch['valid'] & (res['count'] > 0)).astype(jnp.float32)  # [B]
   by_category = jax.nn.one_hot(batch['category'], num_categories) * counted[:, None]  # [B, C]
   sums = {
@@ -62,6 +74,7 @@ def eval_step(state, batch, *, model_module, config, num_categories: int):
       'category_per_image': by_category.T @ res['per_image'],  # [C, A]
       'category_pairs': by_category.sum(0),
       'attributes': {},
+      'extra': {name: counted @ score(name)['per_image'] for name in config.eval.get('extra_thresholds', ())},
   }
   for name, values in batch.get('attributes', {}).items():
     levels = jax.nn.one_hot(values, ATTRIBUTE_LEVELS) * counted[:, None]  # [B, L]
@@ -98,6 +111,8 @@ class Evaluator:
     for i, alpha in enumerate(self.config.eval.alphas):
       metrics[f'pck@{alpha:g}'] = float(total['per_image'][i] / pairs)
       metrics[f'pck_keypoint@{alpha:g}'] = float(total['correct'][i] / max(total['keypoints'], 1))
+      for name, per_image in total['extra'].items():
+        metrics[f'pck_{name}@{alpha:g}'] = float(per_image[i] / pairs)
     metrics['per_category'] = {
         name: {f'pck@{a:g}': float(total['category_per_image'][c, i] / n)
                for i, a in enumerate(self.config.eval.alphas)} | {'num_pairs': int(n)}

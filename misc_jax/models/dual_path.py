@@ -34,6 +34,7 @@ import scipy.optimize
 
 from misc_jax.models import kbcnet
 from misc_jax.ops import conv4d
+from misc_jax.ops import grid as grids
 
 transfer_kwargs = kbcnet.transfer_kwargs
 _EPS = 1e-4  # the floor of a restricting mask: log(mask + _EPS)
@@ -41,25 +42,23 @@ _EPS = 1e-4  # the floor of a restricting mask: log(mask + _EPS)
 
 def from_config(model_config) -> 'DualPath':
   c = model_config
-  return DualPath(tuple(c.stage_sizes), c.width, c.backbone_norm, c.csfa_dim, c.csfa_heads,
-                  tuple(c.decoder_features), tuple(c.decoder_kernels), tuple(c.decoder_strides),
-                  c.decoder_groups, c.feature_stride, c.dtype, c.num_queries, c.mask_dim, c.coseg,
-                  c.corr_to_mask, c.mask_volume)
+  return DualPath(**kbcnet.trunk_fields(c), **kbcnet.decoder_fields(c), num_queries=c.num_queries,
+                  mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume)
 
 
 class DualPath(nn.Module):
   """(source, target) uint8 [B, S, S, 3] -> {'scores' [B, H*W, H, W], and with the co-segmentation path
-  'mask_logits' [2, B, Q, H, W] and 'objectness' [2, B, Q] (index 0: source, 1: target)}, float32."""
-  stage_sizes: tuple[int, ...]
-  width: int
-  backbone_norm: str
+  'mask_logits' [2, B, Q, H, W] and 'objectness' [2, B, Q] (index 0: source, 1: target)}, float32. The
+  trunk is KBCNet's (`backbone`, `grid`: see models/kbcnet.py)."""
+  backbone: nn.Module
+  grid: grids.Grid
   csfa_dim: int
   csfa_heads: int
   decoder_features: tuple[int, ...]
   decoder_kernels: tuple[int, ...]
   decoder_strides: tuple[int, ...]
+  decoder_stride_dims: str = 'source'
   decoder_groups: int = 4
-  feature_stride: int = 8
   dtype: str = 'float32'
   num_queries: int = 6
   mask_dim: int = 32
@@ -83,12 +82,12 @@ class DualPath(nn.Module):
         fg = foreground(out['mask_logits'], out['objectness'])  # [2, B, H, W]
         corr = corr * fg[0][:, :, :, None, None, None] * fg[1][:, None, None, :, :, None]
     decoded = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
-                                      self.decoder_groups, dtype, name='decoder')(corr)
+                                      self.decoder_groups, dtype, self.decoder_stride_dims,
+                                      name='decoder')(corr)
     inits = kbcnet.head_inits(scales)
-    refine = nn.Dense(1, dtype=dtype, kernel_init=inits['refine_head'], name='refine_head')(decoded)
-    refine = refine[..., 0].astype(jnp.float32)
-    scores = nn.Dense(1, kernel_init=inits['corr_head'], name='corr_head')(corr)[..., 0] + jax.image.resize(
-        refine, corr.shape[:5], 'linear')
+    scores = kbcnet.score_volume(
+        decoded, corr, nn.Dense(1, dtype=dtype, kernel_init=inits['refine_head'], name='refine_head'),
+        nn.Dense(1, kernel_init=inits['corr_head'], name='corr_head'), self.decoder_stride_dims)
     out['scores'] = scores.reshape(b, hw[0] * hw[1], *hw)
     return out
 
@@ -132,12 +131,18 @@ def restrict(scores, mask, beta: float):
   return scores + beta * jnp.log(mask + _EPS)[:, None]
 
 
-def grid_masks(masks, grid: int):
-  """Image masks [..., S, S] bool -> the fraction of each feature cell they cover [..., grid, grid]."""
-  s = masks.shape[-1]
-  f = s // grid
-  m = masks.astype(jnp.float32).reshape(*masks.shape[:-2], grid, f, grid, f)
-  return m.mean((-3, -1))
+def grid_masks(masks, cells: int, grid: grids.Grid):
+  """Image masks [..., S, S] bool -> each cell's share of them [..., cells, cells] (pixels averaged
+  around the cell's centre on `grid`, linearly weighted)."""
+  nd = masks.ndim
+  return grids.resample(masks.astype(jnp.float32), (nd - 2, nd - 1), grids.Grid(1, grids.PIXELS_OFFSET),
+                        grid, (cells, cells))
+
+
+def upsample_masks(logits, size: int, grid: grids.Grid):
+  """Mask logits [..., H, W] on `grid` -> [..., size, size] on the pixels (cell centres aligned)."""
+  nd = logits.ndim
+  return grids.resample(logits, (nd - 2, nd - 1), grid, grids.Grid(1, grids.PIXELS_OFFSET), (size, size))
 
 
 def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config):
@@ -231,8 +236,8 @@ def pair_losses(scores, target_masks, batch, size, model_config):
 
   def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
     return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
-        restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None], size,
-        model_config.beta).mean(), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
+        restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None],
+        kbcnet.feature_grid(model_config), model_config.beta, model_config.match_targets).mean(), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
 
   ce = jax.vmap(match_ce, in_axes=(1, 1, 2))(target_masks, trg_kps, valid)  # [J, I]
   num_pairs = jnp.maximum(pairs.sum((1, 2)), 1)
@@ -254,7 +259,8 @@ def train_loss(apply, batch, config):
   for s, name in enumerate(('source', 'target')):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
-    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s], grid_masks(side['masks'], grid),
+    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s],
+                            grid_masks(side['masks'], grid, kbcnet.feature_grid(model_config)),
                             side['instance_valid'] & side['has_masks'][:, None])
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)

@@ -1,12 +1,14 @@
-"""KBCNet (Jin and Li, 2024): ResNet hyperpixels -> CSFA -> multi-layer 4D correlation -> center-pivot 4D
+"""KBCNet (Jin and Li, 2024): backbone features -> CSFA -> multi-layer 4D correlation -> center-pivot 4D
 decoder -> score volume [B, Ha*Wa, Hb, Wb] -> keypoint transfer.
 
 The paper leaves these open (REFERENCE.md section 1); each is a field of `config.model`:
-- CSFA: the stride-8, 16 and 32 stage outputs are projected to `csfa_dim` channels and resampled to the
-  feature grid (image_size / feature_stride per side); at every location the three scale tokens attend to
-  each other (one pre-norm transformer layer across scales), so each token mixes fine detail with deep
-  semantics. Each aligned token gives one layer of the multi-layer correlation, an unclamped cosine (the
-  tokens are signed; see `correlate_tokens`).
+- Backbone (`backbone`): a ResNet whose hyperpixels (by default the last block of layers 2-4, strides 8,
+  16 and 32) feed CSFA, or a DINOv2 ViT whose chosen blocks' patch tokens do.
+- CSFA: each feature map is projected to `csfa_dim` channels and resampled to the feature grid (cell
+  centres aligned, ops/grid.py); at every location the maps' tokens attend to each other (one pre-norm
+  transformer layer across them), so each token mixes fine detail with deep semantics. Each aligned token
+  gives one layer of the multi-layer correlation, an unclamped cosine (the tokens are signed; see
+  `correlate_tokens`).
 - Decoder: HSNet's center-pivot blocks (conv + GroupNorm + ReLU, stride on the target dims). The scores are
   a learnt mix of the correlation layers at full resolution plus the decoder's output, upsampled over the
   target dims: the residual keeps full target resolution however much the decoder strides. The mix starts
@@ -17,6 +19,7 @@ The paper leaves these open (REFERENCE.md section 1); each is a field of `config
 """
 
 import functools
+import importlib
 
 import flax.linen as nn
 import jax
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 from misc_jax.models import resnet
 from misc_jax.ops import conv4d
 from misc_jax.ops import correlation
+from misc_jax.ops import grid as grids
 from misc_jax.ops import soft_argmax
 
 VARIANTS = {
@@ -47,27 +51,53 @@ def decode_variant(name: str) -> dict:
   return dict(VARIANTS[name])
 
 
+def backbone_module(model_config):
+  """The module of config.model.backbone ('resnet' or 'dinov2'): each builds its Flax backbone
+  (`from_config`), says where the score volume's cells sit (`feature_grid`) and which of its parameters
+  are frozen (`is_frozen`)."""
+  return importlib.import_module(f'misc_jax.models.{model_config.get("backbone", "resnet")}')
+
+
+def trunk_fields(model_config) -> dict:
+  """The fields of the trunk (backbone + CSFA) that KBCNet and the dual path share."""
+  c = model_config
+  module = backbone_module(c)
+  return dict(backbone=module.from_config(c), grid=module.feature_grid(c), csfa_dim=c.csfa_dim,
+              csfa_heads=c.csfa_heads, dtype=c.dtype)
+
+
+def decoder_fields(model_config) -> dict:
+  c = model_config
+  return dict(decoder_features=tuple(c.decoder_features), decoder_kernels=tuple(c.decoder_kernels),
+              decoder_strides=tuple(c.decoder_strides), decoder_stride_dims=c.decoder_stride_dims,
+              decoder_groups=c.decoder_groups)
+
+
 def from_config(model_config) -> 'KBCNet':
   """config.model -> KBCNet (the transfer and initialisation fields are read by the train step)."""
-  c = model_config
-  return KBCNet(tuple(c.stage_sizes), c.width, c.backbone_norm, c.csfa_dim, c.csfa_heads,
-                tuple(c.decoder_features), tuple(c.decoder_kernels), tuple(c.decoder_strides),
-                c.decoder_groups, c.feature_stride, c.decoder_chunk_rows, c.dtype)
+  return KBCNet(**trunk_fields(model_config), **decoder_fields(model_config),
+                decoder_chunk_rows=model_config.decoder_chunk_rows)
+
+
+def feature_grid(model_config) -> grids.Grid:
+  """Where the cells of the score volume sit in the input image."""
+  return backbone_module(model_config).feature_grid(model_config)
 
 
 class CSFA(nn.Module):
-  """Cross-scale feature alignment: feature maps of S scales -> aligned tokens [B, H, W, S, dim]."""
+  """Cross-scale feature alignment: S feature maps, each on its own grid -> aligned tokens
+  [B, H, W, S, dim] on the output grid (cell centres matched exactly: ops/grid.py)."""
   dim: int
   heads: int
   mlp_ratio: int = 2
   dtype: jnp.dtype | None = None
 
   @nn.compact
-  def __call__(self, feats, hw):
+  def __call__(self, feats, feat_grids, out_grid, hw):
     tokens = []
-    for s, f in enumerate(feats):
+    for s, (f, g) in enumerate(zip(feats, feat_grids)):
       t = nn.Dense(self.dim, dtype=self.dtype, name=f'proj{s}')(f)
-      tokens.append(jax.image.resize(t, (t.shape[0], *hw, self.dim), 'linear'))
+      tokens.append(grids.resample(t, (1, 2), g, out_grid, hw))
     x = jnp.stack(tokens, axis=3)  # x: [B, H, W, S, dim]
     x = x + self.param('scale_embedding', nn.initializers.normal(0.02), x.shape[3:])
     y = nn.LayerNorm(dtype=self.dtype)(x)
@@ -78,21 +108,20 @@ class CSFA(nn.Module):
 
 
 class KBCNet(nn.Module):
-  """(source, target) uint8 images [B, S, S, 3] -> scores [B, Ha*Wa, Hb, Wb] (float32).
+  """(source, target) uint8 images [B, S, S, 3] -> scores [B, Ha*Wa, Hb, Wb] (float32) on `grid`.
 
-  Ha = Wa = Hb = Wb = S / feature_stride. Backbone BatchNorm statistics are frozen (running averages);
-  the tiny variant, trained from scratch, uses GroupNorm instead.
+  `backbone` is a ResNet (models/resnet.py) or a DINOv2 ViT (models/dinov2.py): a module whose
+  `features(images)` are the maps CSFA aligns and `grids()` where their cells sit.
   """
-  stage_sizes: tuple[int, ...]
-  width: int
-  backbone_norm: str
+  backbone: nn.Module
+  grid: grids.Grid
   csfa_dim: int
   csfa_heads: int
   decoder_features: tuple[int, ...]
   decoder_kernels: tuple[int, ...]
   decoder_strides: tuple[int, ...]
+  decoder_stride_dims: str = 'source'
   decoder_groups: int = 4
-  feature_stride: int = 8
   decoder_chunk_rows: int = 0
   dtype: str = 'float32'
 
@@ -103,15 +132,11 @@ class KBCNet(nn.Module):
     tokens = encode(self, source, target)  # [2B, H, W, S, dim]
     hw = tokens.shape[1:3]
     src, trg = tokens[:b], tokens[b:]
-    decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels,
-                                      self.decoder_strides, self.decoder_groups, dtype, name='decoder')
+    decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
+                                      self.decoder_groups, dtype, self.decoder_stride_dims, name='decoder')
     head_dtypes = dict(refine_head=dtype, corr_head=None)  # the correlation head reads float32
-
     correlate = lambda src_rows: correlate_tokens(src_rows, trg)  # -> float32 [B, n, Wa, Hb, Wb, S]
-
-    def scores(decoded, corr, refine_head, corr_head):  # -> float32 [B, n, Wa, Hb, Wb]
-      refine = refine_head(decoded)[..., 0].astype(jnp.float32)
-      return corr_head(corr)[..., 0] + jax.image.resize(refine, corr.shape[:5], 'linear')
+    scores = functools.partial(score_volume, stride_dims=self.decoder_stride_dims)
 
     rows = self.decoder_chunk_rows
     if rows and not self.is_initializing():  # memory-bounded; initialising takes the plain path
@@ -133,17 +158,29 @@ class KBCNet(nn.Module):
     return out.reshape(b, hw[0] * hw[1], *hw)
 
 
+def score_volume(decoded, corr, refine_head, corr_head, stride_dims: str):
+  """The scores: a learnt mix of the correlation layers corr [B, Ha, Wa, Hb, Wb, S] plus the decoder's
+  refinement of decoded [B, Ha', Wa', Hb', Wb', C], brought back over its strided dims (cell centres
+  aligned: a stride-f output cell i sits on input cell f * i) -> float32 [B, Ha, Wa, Hb, Wb]."""
+  refine = refine_head(decoded)[..., 0].astype(jnp.float32)
+  axes = (1, 2) if stride_dims == 'source' else (3, 4)
+  factor = corr.shape[axes[0]] / refine.shape[axes[0]]
+  refine = grids.resample(refine, axes, grids.Grid(factor, 0.), grids.Grid(1, 0.),
+                          [corr.shape[a] for a in axes])
+  return corr_head(corr)[..., 0] + refine
+
+
 def encode(model, source, target):
   """The trunk that KBCNet and the dual-path model share, called inside `model`'s compact __call__
   (its submodules 'backbone' and 'csfa' belong to `model`): (source, target) uint8 [B, S, S, 3] -> CSFA
-  tokens [2B, S / feature_stride, S / feature_stride, 3 scales, csfa_dim], source images first."""
+  tokens [2B, H, W, feature maps, csfa_dim] on model.grid (H = W = ceil(S / stride)), source images
+  first."""
   dtype = jnp.dtype(model.dtype)
   images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
-  feats = resnet.ResNet(model.stage_sizes, width=model.width, dtype=dtype, norm=model.backbone_norm,
-                        name='backbone')(images)
-  hw = (source.shape[1] // model.feature_stride,) * 2
+  maps = model.backbone.features(images)
+  hw = (-(-source.shape[1] // int(model.grid.stride)),) * 2
   return CSFA(model.csfa_dim, model.csfa_heads, dtype=dtype, name='csfa')(
-      [feats['layer2'], feats['layer3'], feats['layer4']], hw)
+      maps, model.backbone.grids(), model.grid, hw)
 
 
 def correlate_tokens(src, trg):
@@ -172,26 +209,27 @@ def _volume(scores):
 
 
 def transfer_kwargs(model_config) -> dict:
-  """The config.model fields of `predict_keypoints`."""
-  return dict(transfer=model_config.transfer, beta=model_config.beta, sigma=model_config.sigma)
+  """The config.model fields of `predict_keypoints`, and the model's feature grid."""
+  return dict(grid=feature_grid(model_config), transfer=model_config.transfer, beta=model_config.beta,
+              sigma=model_config.sigma)
 
 
-def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 'soft_argmax',
+def predict_keypoints(scores, kps, valid, image_size: int, *, grid: grids.Grid, transfer: str = 'soft_argmax',
                       beta: float = 0.02, sigma: float = 5.):
   """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
-  [B, Ha*Wa, Hb, Wb] to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is 'soft_argmax'
-  (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on scores / beta,
-  Gaussian sigma in cells). Predictions lie inside the image."""
+  [B, Ha*Wa, Hb, Wb] on `grid` to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is
+  'soft_argmax' (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on
+  scores / beta, Gaussian sigma in cells). Predictions lie inside the image."""
   vol = _volume(scores)  # [B, Ha, Wa, Hb, Wb]
+  hb, wb = vol.shape[3:]
+  positions = (grid.centres(hb), grid.centres(wb))  # the target cells' pixel centres
   if transfer == 'soft_argmax':
-    coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, align_corners=False)
+    coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, positions)
   elif transfer == 'kernel_soft_argmax':
-    coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, align_corners=False)
+    coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, positions)
   else:
     raise ValueError(f'unknown transfer {transfer!r}; expected soft_argmax or kernel_soft_argmax')
-  hw = (image_size, image_size)
-  norm = soft_argmax.normalize_keypoints(kps, hw)
-  pred = soft_argmax.unnormalize_keypoints(soft_argmax.interpolate_at_keypoints(coords, norm, valid), hw)
+  pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)  # read at each keypoint
   pred = jnp.clip(pred, 0, image_size)  # the read-out extrapolates past the outer cells; stay in the image
   return jnp.where(valid[..., None], pred, kps)  # invalid keypoints: unchanged
 
@@ -206,33 +244,49 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, transfer: str = 's
 
 
 def train_loss(apply, batch, config):
-  """The training loss of a batch and its parts: every annotated source instance's keypoints are
+  """The training loss of a batch and its parts: every annotated source instance's points (its keypoints,
+  and the dataset's dense points when the pipeline provides them: config.input.max_dense_points) are
   transferred, and a pair's loss is the mean over its source instances.
+
+  loss = match_loss_weight * cross-entropy of the score rows against the true target cells
+         + transfer_loss_weight * distance of the soft-argmax prediction to the closest target instance.
 
   `apply(source_images, target_images)` runs the model with the parameters being trained.
   """
-  size = config.input.image_size
+  m = config.model
+  size, grid = config.input.image_size, feature_grid(m)
   src, trg = batch['source'], batch['target']
   scores = apply(src['image'], trg['image'])
-  inside = ((src['keypoints'] >= 0) & (src['keypoints'] < size)).all(-1)  # KBC crops can cut some off
-  src_valid = _annotated(src) & inside  # [B, I, K]
-  trg_valid = _annotated(trg)  # [B, J, K]
+  src_points, src_valid = training_points(src)  # [B, I, N, 2], [B, I, N]
+  trg_points, trg_valid = training_points(trg)  # [B, J, N, 2], [B, J, N]
 
-  def one_instance(kps, kps_valid):  # [B, K, 2], [B, K] -> per-pair EPE, cross-entropy, any valid [B]
-    valid = kps_valid[:, None] & trg_valid
+  def one_instance(points, points_valid):  # [B, N, 2], [B, N] -> per-pair EPE, cross-entropy, any valid [B]
+    valid = points_valid[:, None] & trg_valid
     # The whole-target soft-argmax, whatever model.transfer (the prediction rule) says: its gradient
     # reaches every target cell. On the synthetic demo, training with the kernel soft-argmax instead gave
     # 3.55% PCK@0.1 against 4.13% (docs/training.md).
-    pred = predict_keypoints(scores, kps, kps_valid, size, transfer='soft_argmax', beta=config.model.beta)
-    err, _, has_any = match_instances(pred, trg['keypoints'], valid, size)
-    nll = match_loss(scores, kps, kps_valid, trg['keypoints'], valid, size, config.model.beta)
+    pred = predict_keypoints(scores, points, points_valid, size, grid=grid, transfer='soft_argmax',
+                             beta=m.beta)
+    err, _, has_any = match_instances(pred, trg_points, valid, size)
+    nll = match_loss(scores, points, points_valid, trg_points, valid, grid, m.beta, m.match_targets)
     return err, nll, has_any
 
-  err, nll, has_any = jax.vmap(one_instance, in_axes=1, out_axes=1)(src['keypoints'], src_valid)  # [B, I]
+  err, nll, has_any = jax.vmap(one_instance, in_axes=1, out_axes=1)(src_points, src_valid)  # [B, I]
   per_pair = lambda x: (x.sum(1) / jnp.maximum(has_any.sum(1), 1)).mean()  # a pair without any adds 0
   transfer, match = per_pair(err), per_pair(nll)
-  loss = transfer + config.model.match_loss_weight * match
+  loss = m.transfer_loss_weight * transfer + m.match_loss_weight * match
   return loss, {'transfer_loss': transfer, 'match_loss': match}
+
+
+def training_points(side):
+  """One side's supervised points [B, I, N, 2] and mask [B, I, N]: its keypoints, then its dense points
+  when the batch has them."""
+  points, valid = [side['keypoints']], [side['keypoint_valid']]
+  if 'dense_points' in side:
+    points.append(side['dense_points'])
+    valid.append(side['dense_valid'])
+  valid = jnp.concatenate(valid, -1) & side['instance_valid'][..., None]
+  return jnp.concatenate(points, -2), valid
 
 
 def instance_targets(batch):
@@ -260,20 +314,42 @@ def match_instances(pred, trg_kps, valid, image_size: int):
   return jnp.where(has_any, jnp.min(err, axis=1), 0.), best, has_any
 
 
-def match_loss(scores, src_kps, src_valid, trg_kps, valid, image_size: int, beta: float):
-  """Cross-entropy of each source keypoint's score row (read at the keypoint) against the target cells
-  holding its true matches: -log of the probability mass on the true cell of any target instance.
-  Regressing soft-argmax positions alone learns slowly from scratch; this dense term gives every target
-  cell a gradient. Returns the mean over each pair's valid keypoints [B] (0 for a pair without any)."""
+def cell_targets(points, grid: grids.Grid, hw, mode: str = 'bilinear'):
+  """Where points [..., 2] (pixels) fall on an hw grid: four cell indices [..., 4] (row-major) and their
+  weights [..., 4]: 'bilinear' spreads a point over the four cells around it, so a distribution that
+  matches the weights has its expectation exactly at the point (sub-cell precision); 'nearest' puts all
+  the weight on the nearest cell."""
+  h, w = hw
+  u = jnp.clip(grid.to_cells(points), 0, jnp.array([w - 1, h - 1], jnp.float32))  # (x, y) in cells
+  if mode == 'nearest':
+    lo, t = jnp.round(u), jnp.zeros_like(u)
+  elif mode == 'bilinear':
+    lo = jnp.clip(jnp.floor(u), 0, jnp.array([max(w - 2, 0), max(h - 2, 0)]))
+    t = u - lo
+  else:
+    raise ValueError(f'match targets {mode!r}: expected "bilinear" or "nearest"')
+  lo = lo.astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.array([w - 1, h - 1]))
+  (x0, y0), (x1, y1), (tx, ty) = jnp.moveaxis(lo, -1, 0), jnp.moveaxis(hi, -1, 0), jnp.moveaxis(t, -1, 0)
+  index = jnp.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], -1)
+  weight = jnp.stack([(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty], -1)
+  return index, weight
+
+
+def match_loss(scores, src_kps, src_valid, trg_kps, valid, grid: grids.Grid, beta: float,
+               targets: str = 'bilinear'):
+  """Cross-entropy of each source point's score row (read at the point) against the target cells of its
+  true matches (`cell_targets`), the smallest over the target instances (any of them is a correct answer;
+  a soft minimum, -logsumexp(-CE)). Regressing soft-argmax positions alone learns slowly from scratch; this
+  term gives every target cell a gradient. Returns the mean over each pair's valid points [B] (0 for a
+  pair without any)."""
   vol = _volume(scores)
   b, ha, wa, hb, wb = vol.shape
   rows = vol.reshape(b, ha, wa, hb * wb)  # [B, Ha, Wa, Sb]
-  norm = soft_argmax.normalize_keypoints(src_kps, (image_size, image_size))
-  logp = jax.nn.log_softmax(soft_argmax.interpolate_at_keypoints(rows, norm, src_valid) / beta)
-  cell = jnp.floor(trg_kps / image_size * jnp.array([wb, hb])).astype(jnp.int32)  # [B, I, K, 2]
-  cell = jnp.clip(cell, 0, jnp.array([wb - 1, hb - 1]))
-  index = cell[..., 1] * wb + cell[..., 0]  # [B, I, K]
-  picked = jnp.take_along_axis(logp[:, None], index[..., None], -1)[..., 0]  # [B, I, K]
+  logp = jax.nn.log_softmax(soft_argmax.interpolate_at_cells(rows, grid.to_cells(src_kps), src_valid) / beta)
+  index, weight = cell_targets(trg_kps, grid, (hb, wb), targets)  # [B, I, K, 4]
+  logp = jnp.broadcast_to(logp[:, None], index.shape[:3] + logp.shape[-1:])  # [B, I, K, Sb]
+  picked = (jnp.take_along_axis(logp, index, -1) * weight).sum(-1)  # [B, I, K]: minus each instance's CE
   nll = -jax.nn.logsumexp(jnp.where(valid, picked, -jnp.inf), axis=1)  # [B, K]
   any_valid = valid.any(axis=1)
   nll = jnp.where(any_valid, nll, 0.)

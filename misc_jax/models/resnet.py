@@ -2,15 +2,58 @@
 
 BatchNorm uses running statistics (frozen, as the correspondence peers fine-tune). Param names follow
 torchvision's state_dict (`layer3_5/conv2` is `layer3.5.conv2`), so `torchvision_to_flax` is a renaming.
+Frozen stages (`frozen_stages`) are cut off from the backward pass: their outputs pass through
+`stop_gradient`, so no gradient is computed for them at all.
+
+Hyperpixels (DHPF's indexing, which CATs and HSNet use): feature 0 is the stem's output (after the max
+pool, stride 4), features 1.. are the bottleneck outputs in order (ResNet-101: 1-3 layer1 (stride 4), 4-7
+layer2 (8), 8-30 layer3 (16), 31-33 layer4 (32)). A cell of a stride-s map is centred on pixel s * i
+(ops/grid.py: `grid.resnet(s)`).
 """
 
 from typing import Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from misc_jax.ops import grid
+
 STAGE_SIZES = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
+STAGE_STRIDES = (4, 4, 8, 16, 32)  # stem, layer1..4
+
+# Named hyperpixel sets. 'last': the last block of layers 2-4 (KBCNet's three scales); 'cats': CATs' set
+# for ResNet-101 (the stem and seven layer3 blocks); 'hsnet': every block of layers 2-4 (HSNet).
+HYPERPIXELS = ('last', 'cats', 'hsnet')
+_CATS_RESNET101 = (0, 8, 20, 21, 26, 28, 29, 30)
+
+
+def hyperpixel_ids(hyperpixels, stage_sizes: Sequence[int]) -> tuple[int, ...]:
+  """A name of HYPERPIXELS or a sequence of DHPF indices -> the indices, checked against the network."""
+  first = np.cumsum((1,) + tuple(stage_sizes))  # index of each stage's first block: layer1 at 1
+  if hyperpixels == 'last':
+    ids = tuple(int(i) - 1 for i in first[2:])
+  elif hyperpixels == 'hsnet':
+    ids = tuple(range(int(first[1]), int(first[-1])))
+  elif hyperpixels == 'cats':
+    if tuple(stage_sizes) != STAGE_SIZES['resnet101']:
+      raise ValueError("hyperpixels 'cats' is CATs' set for ResNet-101; give indices for other networks")
+    ids = _CATS_RESNET101
+  elif isinstance(hyperpixels, str):
+    raise ValueError(f'hyperpixels {hyperpixels!r}: expected one of {HYPERPIXELS} or a list of indices')
+  else:
+    ids = tuple(int(i) for i in hyperpixels)
+  if not ids or min(ids) < 0 or max(ids) >= first[-1]:
+    raise ValueError(f'hyperpixels {ids}: indices must lie in 0..{first[-1] - 1} for stage sizes '
+                     f'{tuple(stage_sizes)}')
+  return ids
+
+
+def hyperpixel_strides(ids: Sequence[int], stage_sizes: Sequence[int]) -> tuple[int, ...]:
+  """The stride of each hyperpixel feature."""
+  first = np.cumsum((1,) + tuple(stage_sizes))
+  return tuple(STAGE_STRIDES[int(np.searchsorted(first, i, side='right'))] for i in ids)
 
 # The one place images meet ImageNet statistics: torchvision's mean and std of RGB in [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,12 +96,26 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
   """x [B, H, W, 3] (already normalised) -> dict of stem, layer1..4, blocks (every bottleneck output,
-  in order) and, with num_classes, logits. `width` 64 is torchvision's; smaller ones make test variants."""
+  in order) and, with num_classes, logits. `width` 64 is torchvision's; smaller ones make test variants.
+  `frozen_stages` 1 freezes the stem, 2 the stem and layer1, and so on (see the module docstring).
+
+  As the correspondence models' backbone: `features(x)` gives the `hyperpixels` maps, `grids()` where
+  their cells sit (the interface misc_jax/models/dinov2.py's backbone shares)."""
   stage_sizes: Sequence[int]
   num_classes: int | None = None
   width: int = 64
   dtype: jnp.dtype | None = None
   norm: str = 'batch'  # see _norm
+  frozen_stages: int = 0
+  hyperpixels: tuple[int, ...] = ()
+
+  def features(self, x) -> list:
+    out = self(x)
+    maps = [out['stem']] + out['blocks']
+    return [maps[i] for i in self.hyperpixels]
+
+  def grids(self) -> list[grid.Grid]:
+    return [grid.resnet(s) for s in hyperpixel_strides(self.hyperpixels, self.stage_sizes)]
 
   @nn.compact
   def __call__(self, x):
@@ -66,18 +123,44 @@ class ResNet(nn.Module):
                 name='conv1')(x)
     x = nn.relu(_norm('bn1', self.dtype, self.norm)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), [(1, 1)] * 2)
+    freeze = lambda y, stage: jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
+    x = freeze(x, 0)
     out, blocks = {'stem': x}, []
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         stride = 2 if i > 0 and j == 0 else 1
-        x = Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, self.norm,
-                       name=f'layer{i + 1}_{j}')(x)
+        x = freeze(Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, self.norm,
+                              name=f'layer{i + 1}_{j}')(x), i + 1)
         blocks.append(x)
       out[f'layer{i + 1}'] = x
     out['blocks'] = blocks
     if self.num_classes:
       out['logits'] = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x.mean(axis=(1, 2)))
     return out
+
+
+def from_config(model_config) -> ResNet:
+  """config.model -> the backbone of KBCNet and the dual path."""
+  c = model_config
+  return ResNet(tuple(c.stage_sizes), width=c.width, dtype=jnp.dtype(c.dtype), norm=c.backbone_norm,
+                frozen_stages=frozen_stages(c), hyperpixels=hyperpixel_ids(c.hyperpixels, c.stage_sizes))
+
+
+def feature_grid(model_config) -> grid.Grid:
+  """The grid of the score volume: a stride-`feature_stride` ResNet map."""
+  return grid.resnet(model_config.feature_stride)
+
+
+def frozen_stages(model_config) -> int:
+  """How many stages (the stem is stage 0) are frozen: every one with model.freeze_backbone."""
+  c = model_config
+  return len(c.stage_sizes) + 1 if c.get('freeze_backbone') else c.freeze_stages
+
+
+def is_frozen(path, model_config) -> bool:
+  """Whether a backbone parameter (its path below 'backbone', a tuple of names) is frozen."""
+  stage = int(path[0][5]) if path[0].startswith('layer') else 0  # layerN_J: stage N; conv1, bn1: 0
+  return stage < frozen_stages(model_config)
 
 
 def torchvision_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:

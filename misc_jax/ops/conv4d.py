@@ -149,18 +149,28 @@ class Conv4d(nn.Module):
     return y + bias.astype(y.dtype)
 
 
+def strides_4d(stride: int, stride_dims: str) -> tuple[int, int, int, int]:
+  """A decoder block's stride on the 'source' dims (HSNet: the image predicted on keeps its resolution)
+  or on the 'target' dims."""
+  if stride_dims not in ('source', 'target'):
+    raise ValueError(f'stride_dims {stride_dims!r}: expected "source" or "target"')
+  return (stride, stride, 1, 1) if stride_dims == 'source' else (1, 1, stride, stride)
+
+
 class CenterPivotBlock(nn.Module):
   """Center-pivot conv -> GroupNorm -> ReLU, the unit of HSNet's and KBCNet's 4D decoders."""
   features: int
   kernel_size: int = 3
-  target_stride: int = 1
+  stride: int = 1
+  stride_dims: str = 'target'
   groups: int = 4
   dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x):
-    k, s = self.kernel_size, self.target_stride
-    x = CenterPivotConv4d(self.features, (k,) * 4, (1, 1, s, s), dtype=self.dtype)(x)
+    k = self.kernel_size
+    x = CenterPivotConv4d(self.features, (k,) * 4, strides_4d(self.stride, self.stride_dims),
+                          dtype=self.dtype)(x)
     x = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype)(x)
     return nn.relu(x)
 
@@ -183,8 +193,11 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
   """
   if height % rows:
     raise ValueError(f'chunk_rows={rows} must divide the source height {height}')
+  if stack.stride_dims == 'source' and any(s > 1 for s in stack.strides):
+    raise ValueError('a decoder in chunks of source rows needs its strides on the target dims '
+                     '(decoder_stride_dims="target")')
   blocks = [CenterPivotConv4d(f, (k,) * 4, (1, 1, s, s), dtype=stack.dtype, loop_grads=True, parent=None)
-            for f, k, s in zip(stack.features, stack.kernel_sizes, stack.target_strides, strict=True)]
+            for f, k, s in zip(stack.features, stack.kernel_sizes, stack.strides, strict=True)]
   halos = [k // 2 for k in stack.kernel_sizes]
   groups, dtype = stack.groups, stack.dtype
   starts = jnp.arange(0, height, rows)
@@ -226,16 +239,18 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
 
 
 class CenterPivotStack(nn.Module):
-  """A sequence of CenterPivotBlocks; `chunked_stack` computes the same in bounded memory."""
+  """A sequence of CenterPivotBlocks, strided on the `stride_dims` ('source' or 'target');
+  `chunked_stack` computes the same in bounded memory (target strides only)."""
   features: Sequence[int]
   kernel_sizes: Sequence[int]
-  target_strides: Sequence[int]
+  strides: Sequence[int]
   groups: int = 4
   dtype: jnp.dtype | None = None
+  stride_dims: str = 'target'
 
   @nn.compact
   def __call__(self, x):
-    blocks = zip(self.features, self.kernel_sizes, self.target_strides, strict=True)
+    blocks = zip(self.features, self.kernel_sizes, self.strides, strict=True)
     for i, (f, k, s) in enumerate(blocks):
-      x = CenterPivotBlock(f, k, s, self.groups, self.dtype, name=f'block{i}')(x)
+      x = CenterPivotBlock(f, k, s, self.stride_dims, self.groups, self.dtype, name=f'block{i}')(x)
     return x

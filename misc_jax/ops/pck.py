@@ -28,6 +28,17 @@ def keypoint_extent_threshold(kps, valid):
   return extent.max(axis=-1)
 
 
+def chm_padded_keypoint_threshold(kps, valid, image_size: int, chm_size: int = 240, pad: float = -2.):
+  """CHM's PF-WILLOW threshold, which its published numbers use: max over axes of (max - min) of the
+  target keypoints *including* its padding slots, which hold -2 at its 240 px input. So it is
+  max(x_max, y_max) + 2 (at 240 px) instead of the valid keypoints' extent: inflated, and easier to meet.
+  kps [B, N, 2] in pixels of the image_size input -> [B], in those pixels."""
+  big = jnp.finfo(kps.dtype).max
+  lo = jnp.minimum(jnp.where(valid[..., None], kps, big).min(axis=1), pad * image_size / chm_size)
+  hi = jnp.where(valid[..., None], kps, -big).max(axis=1)
+  return jnp.where(valid.any(axis=1), (hi - lo).max(axis=-1), 0.)
+
+
 def pck(pred, gt, valid, threshold, alphas):
   """pred, gt [B, N, 2]; valid [B, N]; threshold [B]; alphas [A].
 

@@ -1,34 +1,32 @@
 """From score volumes to coordinates: soft-argmax (CATs), Gaussian-kernel soft-argmax and keypoint
 transfer (CHM), and flow to keypoints (CATs).
 
-Normalised coordinates: image pixels normalise as (v - size/2) / (size/2), CHM's convention. The references
-place a feature grid of n cells at linspace(-1, 1, n) (`align_corners=True`, the default, for parity), half
-a cell off the pixel centres of those cells; our models use `align_corners=False`, cell i at
-(2i + 1) / n - 1, so that a keypoint on a cell's pixel centre maps to that cell exactly. Keypoints are
-[B, N, 2] (x, y) with a validity mask [B, N]; invalid entries are returned unchanged.
+Cell positions: the references place a grid of n cells at linspace(-1, 1, n) in normalised coordinates
+(image pixels normalise as (v - size/2) / (size/2), CHM's convention), the default here for parity. Our
+models pass `positions`, the cells' true centres in pixels (ops/grid.py), and get pixels back. Keypoints
+are [B, N, 2] (x, y) with a validity mask [B, N]; invalid entries are returned unchanged.
 """
 
 import jax
 import jax.numpy as jnp
 
 
-def _axis(n, align_corners):
-  return jnp.linspace(-1, 1, n) if align_corners else (2 * jnp.arange(n) + 1) / n - 1
-
-
-def _grid(h, w, align_corners=True):
-  """[h * w, 2] normalised (x, y) of every cell of an h x w grid, row-major."""
-  ys, xs = jnp.meshgrid(_axis(h, align_corners), _axis(w, align_corners), indexing='ij')
+def _grid(h, w, positions=None):
+  """[h * w, 2] (x, y) of every cell of an h x w grid, row-major: `positions` (ys [h], xs [w]), or
+  linspace(-1, 1) on both axes (the references')."""
+  ys, xs = positions if positions is not None else (jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w))
+  ys, xs = jnp.meshgrid(ys, xs, indexing='ij')
   return jnp.stack([xs.ravel(), ys.ravel()], -1)
 
 
-def soft_argmax(corr, beta: float = 0.02, align_corners: bool = True):
+def soft_argmax(corr, beta: float = 0.02, positions=None):
   """CATs' soft-argmax: for every target cell, the expected source position under a softmax with
-  temperature `beta` over the source dims. corr [B, Ha, Wa, Hb, Wb] -> [B, Hb, Wb, 2] normalised (x, y)."""
+  temperature `beta` over the source dims. corr [B, Ha, Wa, Hb, Wb] -> [B, Hb, Wb, 2] (x, y), in the units
+  of `positions` (the source cells' (ys, xs); default: normalised, as CATs)."""
   b, ha, wa, hb, wb = corr.shape
   logits = corr.reshape(b, ha * wa, hb * wb) / beta  # [B, Sa, Sb]
   prob = jax.nn.softmax(logits, axis=1)
-  coords = jnp.einsum('bst,sd->btd', prob, _grid(ha, wa, align_corners))  # [B, Sb, 2]
+  coords = jnp.einsum('bst,sd->btd', prob, _grid(ha, wa, positions))  # [B, Sb, 2]
   return coords.reshape(b, hb, wb, 2)
 
 
@@ -42,12 +40,13 @@ def grid_to_flow(grid, source_hw):
   return jnp.stack([x, y], -1)
 
 
-def kernel_soft_argmax(corr, sigma: float = 17., align_corners: bool = True):
+def kernel_soft_argmax(corr, sigma: float = 17., positions=None):
   """CHM's Gaussian-kernel soft-argmax: for every source cell, the expected target position under a
-  softmax (no temperature) of the scores times a Gaussian around their argmax.
+  softmax (no temperature) of the scores times a Gaussian (sigma in cells) around their argmax.
 
-  corr [B, Ha, Wa, Hb, Wb] -> [B, Ha, Wa, 2] normalised target (x, y). The kernel multiplies the raw scores
-  (as CHM does), so it suppresses far matches only where scores are positive.
+  corr [B, Ha, Wa, Hb, Wb] -> [B, Ha, Wa, 2] target (x, y) in the units of `positions` (the target cells'
+  (ys, xs); default: normalised, as CHM). The kernel multiplies the raw scores (as CHM does), so it
+  suppresses far matches only where scores are positive.
   """
   b, ha, wa, hb, wb = corr.shape
   scores = corr.reshape(b, ha * wa, hb * wb)  # [B, Sa, Sb]
@@ -57,7 +56,7 @@ def kernel_soft_argmax(corr, sigma: float = 17., align_corners: bool = True):
   dist2 = (tx - cx[..., None])**2 + (ty - cy[..., None])**2  # [B, Sa, Sb]
   gauss = jnp.exp(-dist2 / (2 * sigma**2))
   prob = jax.nn.softmax(gauss * scores, axis=2)
-  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, align_corners))
+  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, positions))
   return coords.reshape(b, ha, wa, 2)
 
 
@@ -96,14 +95,14 @@ def transfer_keypoints(target_coords, src_kps, valid, attn_thres: float = 0.1):
   return jnp.where(valid[..., None], pred, src_kps)
 
 
-def interpolate_at_keypoints(values, kps, valid):
-  """Bilinear interpolation of a per-cell map at keypoints, linear extrapolation past the outer cell
-  centres (so a map linear in position is reproduced exactly everywhere; `align_corners=False` cells).
+def interpolate_at_cells(values, cells, valid):
+  """Bilinear interpolation of a per-cell map at points given in cell coordinates (cell i at i), linear
+  extrapolation past the outer cells (so a map linear in position is reproduced exactly everywhere).
 
-  values [B, H, W, D], kps [B, N, 2] normalised, valid [B, N] -> [B, N, D] (0 where invalid).
+  values [B, H, W, D], cells [B, N, 2] (x, y), valid [B, N] -> [B, N, D] (0 where invalid).
   """
   b, h, w, _ = values.shape
-  u = (kps + 1) * jnp.array([w, h], kps.dtype) / 2 - 0.5  # [B, N, 2] cell coordinates (x, y)
+  u = cells
   lo = jnp.clip(jnp.floor(u), 0, jnp.array([w - 2, h - 2])).astype(jnp.int32)
   lo = jnp.maximum(lo, 0)  # one-cell axes
   t = u - lo  # not clipped: extrapolates outside [0, n - 1]

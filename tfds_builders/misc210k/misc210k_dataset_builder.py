@@ -9,11 +9,17 @@ target instance. The official pair list is not public; by default each image is 
 `PAIRS_PER_IMAGE` images of its category (images in id order, cyclic), which over the 4,812 images gives
 about the paper's 218,179 pairs. A pair-list file overrides that (see the instructions). Crowd annotations
 (iscrowd = 1) are dropped. A keypoint is visible when it is labelled (v = 1 occluded or v = 2 visible).
+
+Splits: the release has train and test only. `validation` (for model selection, so the test split is
+never used to choose a checkpoint) takes 1 in VALIDATION_EVERY of the training file's images, chosen by a
+hash of the file name (CRC-32): deterministic, independent of order, and by image, so no image is in two
+splits; pairs are formed within each split.
 """
 
 import collections
 import functools
 import os
+import zlib
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -32,6 +38,7 @@ PAIRS_PER_IMAGE = 45
 SPLIT_DIR = 'misc210k_cocosplit/datasplit'
 IMAGE_DIR = 'coco/trainval2014'
 ANNOTATION_FILES = {'train': 'misc_trainvalno5k.json', 'test': 'misc_5k.json'}
+VALIDATION_EVERY = 20  # 1 in 20 training images (5%) form the validation split
 
 _CITATION = """
 @inproceedings{sun2023misc210k,
@@ -51,13 +58,14 @@ ImageEntry = collections.namedtuple('ImageEntry', 'id file_name height width ann
 class Builder(common.ManualBuilder):
   """MISC210K image pairs with every instance's mask, box and 52 keypoint slots."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: COCO-format input, deterministic or listed pairs.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: COCO-format input, deterministic or listed pairs.',
+                   '1.1.0': 'A validation split held out from the training images (1 in 20, by file name).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   MISC210K needs a signed agreement with its authors (https://github.com/YXSUNMADMAX/MISC210K). Unpack the
   COCO-format release (as re-packaged by UniFS) and the COCO 2014 train+val images so that manual_dir holds:
 
-    {SPLIT_DIR}/misc_trainvalno5k.json      train split (COCO keypoint format)
+    {SPLIT_DIR}/misc_trainvalno5k.json      train and validation splits (COCO keypoint format)
     {SPLIT_DIR}/misc_5k.json                test split
     {IMAGE_DIR}/COCO_train2014_000000000009.jpg ...   every image the JSON files name
 
@@ -84,7 +92,9 @@ class Builder(common.ManualBuilder):
     for split, name in ANNOTATION_FILES.items():
       path = os.path.join(root, SPLIT_DIR, name)
       by_file[split] = self._read_annotations(path, split, images, instances)
-    splits = by_file
+    held_out = lambda i: zlib.crc32(images[i].file_name.encode()) % VALIDATION_EVERY == 0
+    splits = {'train': [i for i in by_file['train'] if not held_out(i)],
+              'validation': [i for i in by_file['train'] if held_out(i)], 'test': by_file['test']}
     split_file = os.path.join(root, SPLIT_DIR, 'splits.json')
     if common.exists(split_file):
       splits = _read_split_file(split_file, images)

@@ -47,6 +47,8 @@ class Builder(common.ManualBuilder):
       tfds.core.BuilderConfig(name='ncnet', description='NC-Net pair files with coordinates: the splits '
                               'whose file is present (test required, validation optional).'),
   ]
+  # The peers' validation and test pair counts (their split files); `build` says how many a build lacks.
+  OFFICIAL_PAIRS = {'chm': {'validation': 308, 'test': 299}, 'ncnet': {'validation': 308, 'test': 299}}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Build the flavour whose files you have; manual_dir is the PF-PASCAL folder.
   chm:   the CHM/CATs distribution (PF-PASCAL.zip of CHM or CATs): manual_dir holds trn_pairs.csv,

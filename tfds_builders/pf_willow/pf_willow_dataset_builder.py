@@ -35,6 +35,7 @@ class Builder(common.ManualBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: test split, boxes from the valid keypoints.'}
+  OFFICIAL_PAIRS = {'': {'test': 900}}  # the official count; `build` says how many a build lacks
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download PF-WILLOW (PF-dataset.zip from https://www.di.ens.fr/willow/research/proposalflow/, with the
   test_pairs.csv the peers ship, e.g. NC-Net's datasets/proposal-flow-willow). manual_dir holds

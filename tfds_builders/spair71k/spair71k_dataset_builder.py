@@ -48,6 +48,8 @@ class Builder(common.ManualBuilder):
                               '12,234 pairs.'),
       tfds.core.BuilderConfig(name='small', description='Layout/small: the small layout of the release.'),
   ]
+  # The official pair counts of each layout's splits (REFERENCE.md); `build` says how many a build lacks.
+  OFFICIAL_PAIRS = {'large': {'train': 53_340, 'validation': 5_384, 'test': 12_234}}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download SPair-71k.tar.gz from https://cvlab.postech.ac.kr/research/SPair-71k/ and unpack it; manual_dir
   is the SPair-71k folder, holding JPEGImages/, PairAnnotation/, Segmentation/ and Layout/.

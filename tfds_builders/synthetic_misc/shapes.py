@@ -72,12 +72,49 @@ CATEGORIES: dict[str, Callable[[np.random.Generator], Shape]] = {
     'arrow': _arrow, 'star': _star, 'house': _house, 'cross': _cross, 'fish': _fish}
 NUM_KEYPOINTS = 12  # the most keypoints of any category; the rest are padding (invisible)
 
+# Each category's outline: keypoint indices in order around the object. Dense training points are fixed
+# affine combinations of the keypoints, so in every instance (whatever its shape parameters and pose) a
+# dense point names the same part: a quarter, half and three quarters along each outline edge, each
+# outline keypoint halfway to the outline's centroid, and the centroid.
+OUTLINES = {'arrow': tuple(range(7)), 'star': tuple(range(10)), 'house': tuple(range(5)),
+            'cross': tuple(range(12)), 'fish': (0, 1, 4, 3, 5, 2)}
+NUM_DENSE_POINTS = 4 * max(len(o) for o in OUTLINES.values()) + 1  # the most of any category (49)
+
+
+def dense_weights(category: str) -> np.ndarray:
+  """[NUM_DENSE_POINTS, NUM_KEYPOINTS]: row p holds the weights (summing to 1, or all 0 for padding) of
+  dense point p as a combination of the category's keypoints."""
+  outline = list(OUTLINES[category])
+  centroid = np.zeros(NUM_KEYPOINTS)
+  centroid[outline] = 1 / len(outline)
+  rows = []
+  for a, b in zip(outline, outline[1:] + outline[:1]):
+    for t in (0.25, 0.5, 0.75):
+      w = np.zeros(NUM_KEYPOINTS)
+      w[a], w[b] = 1 - t, t
+      rows.append(w)
+  for a in outline:
+    w = 0.5 * centroid
+    w[a] += 0.5
+    rows.append(w)
+  rows.append(centroid)
+  out = np.zeros((NUM_DENSE_POINTS, NUM_KEYPOINTS))
+  out[:len(rows)] = rows
+  return out
+
 
 @dataclasses.dataclass
 class Instance:
   category: str
   keypoints: np.ndarray  # [K, 2] image pixels (continuous coordinates)
   mask: np.ndarray       # [H, W] bool, the full (amodal) silhouette
+
+  @property
+  def dense_points(self) -> np.ndarray:
+    """[NUM_DENSE_POINTS, 2] image pixels (padding rows at 0)."""
+    kps = np.zeros((NUM_KEYPOINTS, 2))
+    kps[:len(self.keypoints)] = self.keypoints
+    return dense_weights(self.category) @ kps
 
 
 def _pose(rng, size, extent):
@@ -193,9 +230,21 @@ def render_image(rng, category, num_instances, *, size, extent_range, max_distra
   raise RuntimeError(f'could not place {num_instances} visible {category} instances')
 
 
+def _visible_points(points, depth, owner, body, size):
+  """Which points [N, 2] are seen: inside the image, on (within a pixel of) the instance's body, and not
+  covered by an object drawn later."""
+  inside = ((points >= 0) & (points < size)).all(-1)
+  ix, iy = np.clip(points.astype(int), 0, size - 1).T
+  near = np.zeros_like(body)
+  for dy, dx in np.ndindex(3, 3):  # the body dilated by one pixel: points on its outline count
+    near |= np.roll(body, (dy - 1, dx - 1), axis=(0, 1))
+  return inside & near[iy, ix] & (owner[iy, ix] <= depth)
+
+
 def _annotate(instances, owner, size):
-  """Visible masks, bboxes and keypoint visibility of the annotated instances, in instance-id order."""
-  keypoints, visible, masks, bboxes = [], [], [], []
+  """Visible masks, bboxes, keypoint and dense-point visibility of the annotated instances, in instance-id
+  order."""
+  keypoints, visible, masks, bboxes, dense, dense_visible = [], [], [], [], [], []
   for depth, inst in sorted(instances, key=lambda x: x[0]):
     mask = owner == depth
     if not mask.any():
@@ -214,10 +263,17 @@ def _annotate(instances, owner, size):
     visible.append(vis)
     masks.append(mask)
     bboxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+    points = inst.dense_points.astype(np.float32)
+    seen = _visible_points(points, depth, owner, inst.mask, size) & dense_weights(inst.category).any(-1)
+    points[~seen] = -1
+    dense.append(points)
+    dense_visible.append(seen)
   return {
       'instance_ids': np.arange(len(instances), dtype=np.int64),
       'keypoints': np.stack(keypoints),
       'keypoint_visible': np.stack(visible),
       'bboxes': np.asarray(bboxes, np.float32),
       'masks': np.stack(masks),
+      'dense_points': np.stack(dense),
+      'dense_visible': np.stack(dense_visible),
   }

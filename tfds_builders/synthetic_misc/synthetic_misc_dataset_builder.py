@@ -3,8 +3,10 @@
 The embedded default dataset of misc_jax. Each pair shows two images of one category (see shapes.py); each
 image holds 1 to `max_instances` annotated instances of it, distractors of other categories, and a
 cluttered background. Instances differ in shape parameters, pose, scale and texture; the two images of a
-pair differ in instance count, layout and photometry. Every example is a pure function of
-(config seed, split, index), so generation is deterministic and no image is shared across splits.
+pair differ in instance count, layout and photometry. Besides the keypoints, every instance carries up to
+49 dense training points, fixed affine combinations of its keypoints (shapes.py), so that training can
+supervise far more than a few dozen points per pair. Every example is a pure function of (config seed,
+split, index), so generation is deterministic and no image is shared across splits.
 """
 
 import dataclasses
@@ -33,8 +35,10 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-instance correspondence pairs with masks, bboxes and keypoints."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: five shape categories, up to 12 keypoints.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: five shape categories, up to 12 keypoints.',
+                   '1.1.0': 'Dense training points (up to 49 per instance, shapes.OUTLINES); the images, '
+                            'keypoints and masks are those of 1.0.0.'}
   BUILDER_CONFIGS = [
       SyntheticConfig(
           name='default', description='256 px pairs, objects from 12% to 60% of the image side.',
@@ -52,7 +56,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=features.pair_features(list(shapes.CATEGORIES)),
+        features=features.pair_features(list(shapes.CATEGORIES), dense_points=True),
         supervised_keys=None,
         homepage='https://github.com/misc-jax/misc_jax',
     )
