@@ -1,11 +1,16 @@
 """Test set-up shared by tests/ and tfds_builders/: 8 fake CPU devices, quiet TF, a tiny dataset."""
 
 import os
+import tempfile
 
 # Before jax or tensorflow are imported anywhere.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ['CUDA_VISIBLE_DEVICES'] = ''
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One XLA compilation cache for the session and the processes its tests start: a program that several
+# tests compile (the smoke train step, in this process and in subprocesses) compiles once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='misc_jax_xla_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import pytest  # pylint: disable=g-import-not-at-top
 

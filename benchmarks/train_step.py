@@ -110,13 +110,17 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
   """Compiles the pmapped train step for `host_batch` ([devices, per_device, ...]) and times `steps` calls
   after one warm-up call; raises if a timed call compiles again. Returns times, losses, FLOPs (the model's,
   and the compiled step's as XLA counts it on this backend) and XLA's memory plan; with `profile_dir`, also
-  the cost per step of each operation in a profile of `steps` more calls."""
+  the cost per step of each operation in a profile of `steps` more calls. With config.steps_per_dispatch
+  = k > 1 each call runs k steps (train.train_steps, the batch repeated k times) and times are per call."""
   model_module, model = train.create_model(config)
   p_state = train.replicate(train.initial_state(config, model))
+  k = config.get('steps_per_dispatch', 1)
+  if k > 1:
+    host_batch = jax.tree.map(lambda x: np.repeat(x[:, None], k, 1), host_batch)  # [devices, k, ...]
   batch = jax.pmap(lambda x: x)(host_batch)  # on the devices, once
   rng = train.replicate(jax.random.key_data(jax.random.key(0)))
-  step_fn = lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
-                                             model_module=model_module, config=config)
+  step_fn = lambda s, b, r: (train.train_steps if k > 1 else train.train_step)(
+      s, b, jax.random.wrap_key_data(r), model_module=model_module, config=config)
   step = jax.pmap(step_fn, axis_name='batch', donate_argnums=(0,))
   start = time.perf_counter()
   compiled = step.lower(p_state, batch, rng).compile()
@@ -125,7 +129,7 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
   compiled_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   memory = compiled.memory_analysis()
   p_state, metrics = step(p_state, batch, rng)  # warm-up (the first call also compiles)
-  losses = [float(metrics['loss'][0])]
+  losses = [float(np.ravel(metrics['loss'][0])[-1])]
   compiles_before = len(_COMPILES)
   times = []
   for _ in range(steps):
@@ -133,7 +137,7 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
     p_state, metrics = step(p_state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-    losses.append(float(metrics['loss'][0]))
+    losses.append(float(np.ravel(metrics['loss'][0])[-1]))
   if len(_COMPILES) != compiles_before:
     raise RuntimeError(f'{len(_COMPILES) - compiles_before} recompilations during timed steps')
   device_stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU: the allocator's peak so far
@@ -211,13 +215,16 @@ def measure(config, per_device: int, steps: int, profile_dir: str | None = None)
     config.batch_size = devices * per_device
     config.total_steps = config.total_steps or 1000  # epoch-based configs: the schedule does not matter
   run = run_steps(config, random_batch(config, devices, per_device), steps, profile_dir)
-  seconds = statistics.median(run['times'])
+  k = config.get('steps_per_dispatch', 1)
+  seconds = statistics.median(run['times']) / k  # per training step (XLA counts the scan's body once)
   size = config.input.image_size
   return dict(model=config.model.get('name', 'kbcnet'), variant=config.model.variant, image_size=size,
-              freeze_stages=config.model.freeze_stages, hyperpixels=str(config.model.hyperpixels),
+              freeze_stages=config.model.get('freeze_stages'),
+              hyperpixels=str(config.model.get('hyperpixels')),
               grid=size // config.model.feature_stride, dtype=config.model.dtype,
               chunk_rows=config.model.get('decoder_chunk_rows', 0), batch=config.batch_size,
-              step_s=seconds, pairs_per_s=config.batch_size / seconds, gflop_per_step=run['flops'] / 1e9,
+              steps_per_dispatch=k, step_s=seconds, pairs_per_s=config.batch_size / seconds,
+              gflop_per_step=run['flops'] / 1e9,
               compiled_gflop_per_step=run['compiled_flops'] / 1e9,
               gflops=run['flops'] / 1e9 / seconds, compile_s=run['compile_s'], recompiles=0,
               temp_gib=run['temp_gib'], argument_gib=run['argument_gib'], peak_gib=run['peak_gib'],
@@ -231,7 +238,7 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
-def _literal(value: str):
+def literal(value: str):
   try:
     return ast.literal_eval(value)
   except (ValueError, SyntaxError):
@@ -296,13 +303,15 @@ def main():
     with config.unlocked():
       for item in args.set:
         key, _, value = item.partition('=')
-        config.update_from_flattened_dict({key: _literal(value)})
+        config.update_from_flattened_dict({key: literal(value)})
     name += ''.join(f' {item}' for item in args.set)
     row = measure(config, args.batch, args.steps,
                   args.profile and os.path.join(args.profile, re.sub(r'\W', '_', name)))
     row['fraction_of_peak'] = row['gflops'] / peak
     rows.append(row)
-    print(f'| {row["model"]} {row["variant"]}{"".join(" " + i for i in args.set)} | {row["image_size"]} | {row["grid"]} | {row["dtype"]} | '
+    settings = ''.join(' ' + item for item in args.set)
+    print(f'| {row["model"]} {row["variant"]}{settings} | {row["image_size"]} | {row["grid"]} | '
+          f'{row["dtype"]} | '
           f'{row["chunk_rows"] or "-"} | {row["batch"]} | {row["step_s"]:.3f} | {row["pairs_per_s"]:.2f} | '
           f'{row["gflop_per_step"]:.1f} | {row["gflops"]:.1f} | {row["fraction_of_peak"]:.3f} | '
           f'{row["compile_s"]:.1f} | {row["temp_gib"]:.2f} | {row["argument_gib"]:.2f} | '

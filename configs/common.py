@@ -18,6 +18,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  config.steps_per_dispatch = 1  # k > 1: k steps per call (train.train_steps); the counts above divide by k
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = dataset
@@ -33,6 +34,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.input.max_dense_points = 0  # > 0: train on the dataset's dense points too (synthetic_misc: 49)
   config.input.shuffle_buffer = 1024
   config.input.prefetch = 2
+  config.input.decoding_threads = placeholder(int)  # None: every core the process may use
   config.input.data_shards = placeholder(int)  # None: one per process (see input_pipeline.py)
   config.input.augment = ml_collections.ConfigDict()
   config.input.augment.photometric = True
@@ -60,10 +62,13 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.match_loss_weight = 0.1  # cross-entropy on the true target cells (kbcnet.train_loss)
   config.model.match_targets = 'nearest'  # those cells: 'nearest', or 'bilinear' (sub-cell targets)
   config.model.transfer_loss_weight = 1.0  # the soft-argmax prediction's distance to the truth
+  config.model.part_loss_weight = 0.0  # > 0: cells also classify the part they show (kbcnet.part_loss)
+  config.model.num_parts = 0  # its classes: categories x (max_keypoints + max_dense_points)
   config.model.freeze_stages = 0      # 0: train all; 1: freeze the stem; 2: stem and layer1; ...
   config.model.freeze_backbone = False  # True: the whole backbone (no backward pass through it)
   config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
   config.model.backbone_from_scratch = False     # True: allow a BatchNorm backbone without weights
+  config.model.trunk_init = placeholder(str)     # backbone + CSFA from misc_jax.tools.export_trunk
   config.model.init_from = placeholder(str)      # another run's workdir: start from its params
   config.model.init_from_checkpoint = 'latest'   # of that run: 'latest', 'best' or a step number
 
@@ -95,4 +100,21 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.kbc.fill = 0.8            # the enlarged box (with margin) fills this fraction of the input
   config.kbc.max_scale = 2.5       # at most this enlargement (best of 2-6 on small_objects validation)
   config.kbc.small_threshold = 0.5  # crop only boxes whose longer side is below this x the input side
+  return config
+
+
+def use_dinov2(config: ml_collections.ConfigDict, name: str, blocks) -> ml_collections.ConfigDict:
+  """A KBCNet (or dual-path) config on a DINOv2 backbone (misc_jax/models/dinov2.py): `name` is the
+  official model ('vitb14', 'vitb14_reg', ...), `blocks` the blocks whose patch tokens CSFA aligns and
+  correlates. The backbone is frozen (the DINOv2-based peers' recipe); --config.model.freeze_backbone=False
+  fine-tunes it at optim.backbone_lr. Image sides must be multiples of 14 (518 px: a 37 x 37 grid)."""
+  m = config.model
+  for resnet_field in ('stage_sizes', 'width', 'backbone_norm', 'hyperpixels', 'freeze_stages'):
+    del m[resnet_field]
+  m.variant = f'kbcnet_dinov2_{name}'
+  m.backbone = 'dinov2'
+  m.dinov2 = name
+  m.dinov2_blocks = tuple(blocks)
+  m.feature_stride = 14
+  m.freeze_backbone = True
   return config

@@ -6,7 +6,9 @@ r"""The MISC dual-path model (co-segmentation + multi-instance correspondence) o
   python -m misc_jax.main --config configs/misc210k_dualpath.py:synthetic --workdir runs/dualpath  # minutes
 
 `:synthetic` trains the tiny variant on synthetic_misc/default on a CPU (results in docs/misc.md);
-`:smoke` is the test variant. Ablations: --config.model.coseg=False (no co-segmentation path: KBCNet),
+`:smoke` is the test variant; `:dinov2` puts the model on frozen DINOv2 ViT-B/14 tokens at 392 px (a 28 x 28
+grid; --config.model.backbone_init=~/weights/vitb14.msgpack from misc_jax.tools.convert_dinov2).
+Ablations: --config.model.coseg=False (no co-segmentation path: KBCNet),
 --config.model.mask_volume=False (masks do not gate the 4D volume), --config.model.corr_to_mask=False
 (correspondence evidence does not feed the masks). Not yet measured on MISC210K: no copy here.
 """
@@ -24,6 +26,7 @@ def _dual_path(config):
   config.model.coseg = True          # the co-segmentation path
   config.model.corr_to_mask = True   # correspondence evidence feeds the mask path
   config.model.mask_volume = True    # predicted foreground gates the 4D correlation
+  config.model.positional_encoding = True  # cell positions join the mask features
   config.model.mask_loss_weight = 1.0
   config.eval.evaluator = 'misc'
   config.eval.objectness_threshold = 0.5
@@ -37,8 +40,8 @@ def get_config(arg: str | None = None):
     config.model.num_queries = 6
     config.model.mask_dim = 32
     return config
-  if arg:
-    raise ValueError(f'unknown config argument {arg!r}; expected "synthetic", "smoke" or nothing')
+  if arg not in (None, 'dinov2'):
+    raise ValueError(f'unknown config argument {arg!r}; expected "synthetic", "smoke", "dinov2" or nothing')
   config = _dual_path(common.kbcnet_config('kbcnet_r101', 'misc210k', image_size=384))
   config.model.feature_stride = 16   # a 24 x 24 grid at 384 px
   config.model.freeze_stages = 2
@@ -51,4 +54,8 @@ def get_config(arg: str | None = None):
   config.dataset.eval_split = 'validation'
   config.input.max_instances = 8
   config.input.max_keypoints = 52
+  if arg == 'dinov2':
+    config = common.use_dinov2(config, 'vitb14', (5, 8, 11))
+    config.input.image_size = 392
+    config.model.dtype = 'bfloat16'
   return config

@@ -24,6 +24,7 @@ and augmentation draws its randomness from (seed, example index), so a resumed r
 """
 
 import math
+import os
 from typing import Iterator
 
 from flax import jax_utils
@@ -161,13 +162,34 @@ def _load(config, process_split):
                           shuffle_files=False)
   options = tf.data.Options()
   options.deterministic = True
+  options.threading.private_threadpool_size = decoding_threads(config)
   return ds.with_options(options), builder
+
+
+def _graph(fn):
+  """A dataset function traced as it is written: it has no Python control flow on tensors for AutoGraph to
+  convert, and converting it took most of the pipeline's start-up time (~8 s per dataset)."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+def decoding_threads(config: ml_collections.ConfigDict) -> int:
+  """The threads that decode and preprocess: config.input.decoding_threads, or every core this process may
+  run on (its CPU affinity: a container's or SLURM's allotment, not the machine's). An accelerator needs
+  several cores per chip (docs/performance.md)."""
+  return config.input.get('decoding_threads') or len(os.sched_getaffinity(0))
 
 
 def _shard_for_devices(batch):
   """[B_process, ...] numpy -> [local_devices, B_process / local_devices, ...]."""
   d = jax.local_device_count()
   return jax.tree.map(lambda x: x.reshape((d, x.shape[0] // d) + x.shape[1:]), batch)
+
+
+def _shard_steps_for_devices(batch):
+  """[k, B_process, ...] numpy -> [local_devices, k, B_process / local_devices, ...]."""
+  d = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape((x.shape[0], d, x.shape[1] // d) + x.shape[2:]).swapaxes(0, 1),
+                      batch)
 
 
 def _per_process_batch(config):
@@ -185,14 +207,16 @@ def _train_shard(config, split, shard: int, num_shards: int, batch_size: int, st
                            reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * batch_size)  # Skipping still-encoded records is cheap.
   index = lambda i: i * num_shards + shard  # augmentation seed, unique across shards
-  ds = ds.map(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=index(i)),
+  ds = ds.map(_graph(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=index(i))),
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
-                   to_device: bool = True) -> Iterator[dict]:
-  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices).
+def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0, to_device: bool = True,
+                   steps_per_batch: int = 0) -> Iterator[dict]:
+  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices); with
+  `steps_per_batch` = k, the batches of k consecutive steps stacked [devices, k, per device, ...] (for
+  train.train_steps).
 
   The split is cut into `config.input.data_shards` even shards (the number of processes when unset);
   a global batch is the concatenation of one batch from each shard in order, and each process reads only
@@ -209,9 +233,12 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
   splits = tfds.even_splits(config.dataset.train_split, n=num_shards, drop_remainder=True)
   mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
   streams = [_train_shard(config, splits[s], s, num_shards, per_shard, start_step) for s in mine]
-  ds = tf.data.Dataset.zip(tuple(streams)).map(
-      lambda *b: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *b))
-  batches = map(_shard_for_devices, tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  ds = tf.data.Dataset.zip(tuple(streams)).map(_graph(
+      lambda *b: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *b)))
+  if steps_per_batch:
+    ds = ds.batch(steps_per_batch, drop_remainder=True)  # [k, B_process, ...]
+  shard = _shard_for_devices if not steps_per_batch else _shard_steps_for_devices
+  batches = map(shard, tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
   return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches
 
 
@@ -223,7 +250,7 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, *,
   ds, builder = _load(config, tfds.split_for_jax_process(split, drop_remainder=False))
   total = builder.info.splits[split].num_examples
   num_batches = math.ceil(math.ceil(total / jax.process_count()) / batch_size)
-  ds = ds.map(lambda ex: preprocess(_decode(ex), config=config, train=False),
+  ds = ds.map(_graph(lambda ex: preprocess(_decode(ex), config=config, train=False)),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

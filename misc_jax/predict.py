@@ -170,7 +170,8 @@ def read_keypoints(path: str) -> np.ndarray:
   try:
     kps = np.asarray(data, np.float64)
   except (ValueError, TypeError):
-    raise ValueError(f'{path}: keypoints must be numbers, [[x, y], ...]; got {json.dumps(data)[:80]}') from None
+    raise ValueError(f'{path}: keypoints must be numbers, [[x, y], ...]; got '
+                     f'{json.dumps(data)[:80]}') from None
   if kps.ndim != 2 or kps.shape[1] != 2:
     raise ValueError(f'{path}: expected [[x, y], ...], got an array of shape {kps.shape}')
   return kps.astype(np.float32)

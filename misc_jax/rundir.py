@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 # Config fields that hold paths: `~` and environment variables in them are expanded.
-PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.init_from')
+PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.trunk_init', 'model.init_from')
 
 
 class CheckpointMismatchError(ValueError):

@@ -33,6 +33,7 @@ from misc_jax import kbc
 from misc_jax import optim
 from misc_jax import rundir
 from misc_jax import visualize
+from misc_jax.models import kbcnet
 from tfds_builders import build
 
 
@@ -94,30 +95,47 @@ def check_config(config) -> None:
     if not first or first[0] not in _MSGPACK_MAP:
       raise ValueError(f'config.model.backbone_init: {m.backbone_init} is not a converted backbone (a '
                        'msgpack file from misc_jax.tools.convert_resnet)')
+  if m.get('trunk_init') and not epath.Path(m.trunk_init).exists():
+    raise FileNotFoundError(f'config.model.trunk_init: {m.trunk_init} does not exist')
   if m.init_from and not (rundir.absolute(m.init_from) / 'checkpoints').exists():
     raise FileNotFoundError(f'config.model.init_from: {m.init_from} holds no checkpoints/ folder')
-  if (m.get('backbone_norm') == 'batch' and not m.backbone_init and not m.init_from
-      and not m.get('backbone_from_scratch')):
+  if (kbcnet.backbone_module(m).needs_weights(m) and not m.backbone_init and not m.init_from
+      and not m.get('trunk_init') and not m.get('backbone_from_scratch')):
     raise ValueError(
-        'config.model.backbone_norm is "batch": frozen BatchNorm statistics, meant for pretrained weights, '
-        'but no weights are given, so the backbone would train from random weights with identity '
-        'statistics. Set config.model.backbone_init to a converted backbone (python -m '
-        'misc_jax.tools.convert_resnet ...), or config.model.backbone_from_scratch=True to do exactly that.')
+        f'config.model.backbone {m.get("backbone", "resnet")!r} is meant to start from pretrained weights '
+        '(a ResNet with frozen BatchNorm statistics, or DINOv2), but none are given, so it would train from '
+        'random weights. Set config.model.backbone_init to a converted backbone (python -m '
+        'misc_jax.tools.convert_resnet or convert_dinov2), or config.model.backbone_from_scratch=True to '
+        'do exactly that.')
 
 
-def _merge_backbone(variables, backbone, source: str):
-  """variables[col]['backbone'] <- backbone[col] for params and batch_stats, refusing any misfit."""
+def _merge(variables, loaded, source: str, modules):
+  """variables[col][m] <- loaded[col][m] for params and batch_stats of every module m, refusing any
+  misfit (a module the model has but the file lacks counts as one)."""
   shapes = lambda tree: {'/'.join(k): np.shape(v)
                          for k, v in flax.traverse_util.flatten_dict(tree).items()}
   for col in ('params', 'batch_stats'):
-    ours = shapes(variables.get(col, {}).get('backbone', {}))
-    theirs = shapes(backbone.get(col, {}))
-    if ours != theirs:
-      diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-      raise ValueError(f'{source}: {col} do not fit the model (first differences: {diff})')
-    if theirs:
-      variables[col]['backbone'] = backbone[col]
+    for m in modules:
+      ours = shapes(variables.get(col, {}).get(m, {}))
+      theirs = shapes(loaded.get(col, {}).get(m, {}))
+      if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(f'{source}: {col} of the {m} do not fit the model (first differences: {diff})')
+      if theirs:
+        variables[col][m] = loaded[col][m]
   return variables
+
+
+TRUNK = ('backbone', 'csfa')  # what config.model.trunk_init holds (misc_jax.tools.export_trunk)
+
+
+def load_trunk(path: str) -> dict:
+  """A trunk exported by misc_jax.tools.export_trunk: {'params': {'backbone', 'csfa'}, 'batch_stats',
+  'provenance'}; errors name the file."""
+  try:
+    return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  except FileNotFoundError:
+    raise FileNotFoundError(f'config.model.trunk_init: {path} does not exist') from None
 
 
 def _fresh_state(config, model) -> optim.TrainState:
@@ -135,14 +153,19 @@ def state_shapes(config) -> optim.TrainState:
 
 
 def initial_state(config, model) -> optim.TrainState:
-  """Fresh parameters, then config.model.backbone_init (a converted backbone) and config.model.init_from
-  (another run's workdir: the params and statistics of its checkpoint config.model.init_from_checkpoint,
-  'latest', 'best' or a step) when set."""
+  """Fresh parameters, then config.model.backbone_init (a converted backbone), config.model.trunk_init (an
+  exported trunk: backbone and CSFA) and config.model.init_from (another run's workdir: the params and
+  statistics of its checkpoint config.model.init_from_checkpoint, 'latest', 'best' or a step) when set."""
   state = jax.jit(lambda: _fresh_state(config, model))()
-  if config.model.backbone_init:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    variables = _merge_backbone(flax.core.unfreeze(jax.device_get(variables)),
-                                load_backbone(config.model.backbone_init), config.model.backbone_init)
+  m = config.model
+  if m.backbone_init or m.get('trunk_init'):
+    variables = flax.core.unfreeze(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
+    if m.backbone_init:
+      backbone = load_backbone(m.backbone_init)
+      variables = _merge(variables, {col: {'backbone': tree} for col, tree in backbone.items()},
+                         m.backbone_init, ('backbone',))
+    if m.get('trunk_init'):
+      variables = _merge(variables, load_trunk(m.trunk_init), m.trunk_init, TRUNK)
     state = optim.create_train_state(config, model.apply, variables)
   if config.model.init_from:
     try:
@@ -172,6 +195,29 @@ def train_step(state, batch, rng, *, model_module, config):
   grads = lax.pmean(grads, 'batch')
   metrics = lax.pmean({'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}, 'batch')
   return state.apply_gradients(grads=grads), metrics
+
+
+def train_steps(state, batches, rng, *, model_module, config):
+  """config.steps_per_dispatch = k training steps in one call: a scan of `train_step` over batches
+  stacked on a leading axis [k, ...]. The parameters are those of k single calls (the data, the rng of
+  each step and the optimiser see the same values); one dispatch launches the work of k steps, so the host
+  keeps up with an accelerator whose step is shorter than its own launch cost. Metrics: [k, ...]."""
+  step = functools.partial(train_step, rng=rng, model_module=model_module, config=config)
+  return lax.scan(lambda s, b: step(s, b), state, batches)
+
+
+def check_dispatch(config, start: int) -> int:
+  """config.steps_per_dispatch, checked: the schedule's and the loop's step counts must be multiples of
+  it, since logs, evaluations, checkpoints and preemption happen between dispatches."""
+  k = config.get('steps_per_dispatch', 1)
+  fields = {'total_steps': config.total_steps, 'log_every_steps': config.log_every_steps,
+            'eval_every_steps': config.eval_every_steps,
+            'checkpoint_every_steps': config.checkpoint_every_steps, 'the resumed step': start}
+  bad = {name: value for name, value in fields.items() if value % k}
+  if bad:
+    listed = ', '.join(f'{n} ({v})' for n, v in bad.items())
+    raise ValueError(f'config.steps_per_dispatch={k} must divide {listed}')
+  return k
 
 
 def _kbc_crops(batch, keys, model_module, config):
@@ -225,8 +271,8 @@ def _checkpoint_managers(config, run_dir):
   """The latest `config.keep_checkpoints` steps and the best evaluated one. Both may save the same step
   at once: across processes their barriers are told apart by a per-manager key prefix."""
   def opts(name, **kw):
-    return dict(enable_async_checkpointing=True, create=True,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name), **kw)
+    return dict(enable_async_checkpointing=True, create=True, **kw,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
   latest = rundir.manager(run_dir / 'checkpoints', **opts('latest', max_to_keep=config.keep_checkpoints))
   best = rundir.manager(run_dir / 'checkpoints_best', **opts(
       'best', max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
@@ -268,6 +314,8 @@ def load_run(run_dir: str, checkpoint='latest', config: ml_collections.ConfigDic
   rundir.parse_checkpoint(checkpoint)  # a bad name fails before the model is built
   config = config or rundir.read_config(run_dir)
   config.model.init_from = config.model.backbone_init = None  # the checkpoint holds every parameter
+  if 'trunk_init' in config.model:
+    config.model.trunk_init = None
   model_module, model = create_model(config)
   target = jax.device_get(initial_state(config, model))
   try:
@@ -287,7 +335,8 @@ def replicate(tree):
 
 
 def _host_metrics(pending):
-  """Averages the device metrics of the steps since the last flush (the only host sync of the loop)."""
+  """Averages the device metrics ([devices, steps] each) of the dispatches since the last flush (the only
+  host sync of the loop)."""
   values = jax.device_get(pending)
   return {k: float(np.mean([v[k][0] for v in values])) for k in values[0]}
 
@@ -311,11 +360,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_module, model = create_model(config)
   state, start = _resume(initial_state(config, model), run_dir)
   latest_mgr, best_mgr = _checkpoint_managers(config, run_dir)
+  k = check_dispatch(config, start)
   p_state = replicate(state)
   rng = replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
   p_train_step = jax.pmap(
-      lambda s, b, r: train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
-                                 config=config),
+      lambda s, b, r: train_steps(s, b, jax.random.wrap_key_data(r), model_module=model_module,
+                                  config=config),
       axis_name='batch', donate_argnums=(0,))
   evaluator = evaluator_for(config, model_module, config.dataset.eval_split, category_names)
 
@@ -340,16 +390,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Loop. The managers are closed (pending saves finished) however the loop ends.
   with latest_mgr, best_mgr:
     preemption = _Preemption()
-    batches = input_pipeline.train_iterator(config, start_step=start) if start < config.total_steps \
-        else iter(())
+    batches = input_pipeline.train_iterator(config, start_step=start, steps_per_batch=k) \
+        if start < config.total_steps else iter(())
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
                     dynamic_ncols=True)
     pending, metrics, stop = [], {}, False
-    for step in range(start + 1, config.total_steps + 1):
+    for step in range(start + k, config.total_steps + 1, k):
       p_state, step_metrics = p_train_step(p_state, next(batches), rng)
       pending.append(step_metrics)
-      bar.update()
+      bar.update(k)
       report(step)
       stop = preemption.requested  # read once: a SIGTERM may land anywhere in this iteration
       is_last = step == config.total_steps
@@ -375,6 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar.close()
     if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)
       metrics = evaluate(start)
+      if start == 0:  # saved, so that misc-jax-evaluate and misc-jax-predict work on the run
+        save(0, {config.eval.best_metric: metrics[config.eval.best_metric]})
   writer.flush()
   if lead and not stop:
     visualize.plot_learning_curve(str(run_dir), str(run_dir / 'learning_curve.png'))

@@ -59,7 +59,7 @@ def test_a_backbone_that_does_not_fit_is_refused(state_dict, smoke_config, tmp_p
   convert_resnet.convert(_save(state_dict, tmp_path / 'r101.npz'), out)
   with smoke_config.unlocked():
     smoke_config.model.backbone_init = out  # kbcnet_tiny: width 16, one block per stage
-  with pytest.raises(ValueError, match='r101.msgpack: params do not fit the model'):
+  with pytest.raises(ValueError, match='r101.msgpack: params of the backbone do not fit the model'):
     train.initial_state(smoke_config, train.create_model(smoke_config)[1])
 
 

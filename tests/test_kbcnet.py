@@ -230,4 +230,35 @@ def test_match_loss_is_the_cross_entropy_of_the_closest_instance():
   entropy = -(weight * np.log(weight)).sum()
   np.testing.assert_allclose(loss, [entropy], rtol=1e-3)
   shifted = np.roll(scores, 5, axis=-1)
-  assert float(kbcnet.match_loss(shifted, src, np.ones((1, 1), bool), trg, valid, grid, beta)[0]) > entropy + 1
+  shifted_loss = kbcnet.match_loss(shifted, src, np.ones((1, 1), bool), trg, valid, grid, beta)
+  assert float(shifted_loss[0]) > entropy + 1
+
+
+def test_hyperpixel_sets_choose_the_backbone_blocks_that_are_correlated():
+  from misc_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  r101 = resnet.STAGE_SIZES['resnet101']
+  assert resnet.hyperpixel_ids('cats', r101) == (0, 8, 20, 21, 26, 28, 29, 30)
+  assert resnet.hyperpixel_strides((0, 8, 31), r101) == (4, 16, 32)
+  assert resnet.hyperpixel_ids('last', r101) == (7, 30, 33)
+  assert len(resnet.hyperpixel_ids('hsnet', r101)) == 30
+  with pytest.raises(ValueError, match=r'indices must lie in 0..33'):
+    resnet.hyperpixel_ids((3, 40), r101)
+  image = jax.ShapeDtypeStruct((1, 240, 240, 3), jnp.uint8)
+  model = _model('kbcnet_r101', hyperpixels='cats', feature_stride=16)
+  variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
+  assert len([k for k in variables['params']['csfa'] if k.startswith('proj')]) == 8  # one token each
+  decoder_in = variables['params']['decoder']['block0']['CenterPivotConv4d_0']['conv_a']['kernel']
+  assert decoder_in.shape[2] == 8  # eight correlation channels
+
+
+@pytest.mark.parametrize('stride_dims,decoded', [('source', (1, 4, 4, 16, 16)),
+                                                 ('target', (1, 16, 16, 4, 4))])
+def test_the_decoder_strides_one_side_and_the_scores_keep_both_grids(stride_dims, decoded):
+  """HSNet's choice ('source'): the source dims are strided, the target (where keypoints land) keeps its
+  16 x 16 grid; the scores are full size either way."""
+  model = _model(decoder_stride_dims=stride_dims)
+  image = jnp.zeros((1, 128, 128, 3), jnp.uint8)
+  variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
+  out, state = jax.eval_shape(lambda v: model.apply(v, image, image, capture_intermediates=True), variables)
+  assert out.shape == (1, 256, 16, 16)
+  assert state['intermediates']['decoder']['__call__'][0].shape[:5] == decoded

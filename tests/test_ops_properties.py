@@ -182,3 +182,15 @@ def test_resampling_lines_up_cell_centres(source, target, n_in, n_out):
                              atol=1e-3)
   np.testing.assert_allclose(out[0][inside][:, inside, 1], want[inside][None].repeat(inside.sum(), 0),
                              atol=1e-3)
+
+
+def test_chms_padded_pf_willow_threshold_is_reproduced():
+  """CHM pads target keypoints to 40 slots with -2 (at its 240 px input) and takes max(max - min) over all
+  slots; ours gives the same number, and the valid keypoints' extent is smaller."""
+  rng = np.random.default_rng(0)
+  kps = rng.uniform(20, 200, (3, 10, 2)).astype(np.float32)
+  valid = np.ones((3, 10), bool)
+  padded = np.concatenate([kps.transpose(0, 2, 1), np.full((3, 2, 30), -2., np.float32)], -1)  # [B, 2, 40]
+  chm = np.max(padded.max(2) - padded.min(2), axis=1)  # CHM's PFWillowDataset.get_pckthres
+  np.testing.assert_allclose(pck.chm_padded_keypoint_threshold(kps, valid, 240), chm, rtol=1e-6)
+  assert (pck.keypoint_extent_threshold(kps, valid) < chm).all()

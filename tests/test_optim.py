@@ -75,3 +75,16 @@ def test_epochs_give_the_steps_and_the_learning_rate_follows_the_batch(smoke_con
   for _ in range(config.optim.warmup_steps + 1):
     updates, opt_state = tx.update(grads, opt_state, params)
   np.testing.assert_allclose(updates['head'], -2 * config.optim.lr, rtol=1e-3)
+
+
+def test_a_config_that_cannot_run_here_fails_at_start_naming_why():
+  from configs import kbcnet_spair  # pylint: disable=g-import-not-at-top
+  config = kbcnet_spair.get_config()  # ResNet-101 with frozen BatchNorm, no weights given
+  with pytest.raises(ValueError, match="config.model.backbone 'resnet' is meant to start from pretrained"):
+    train.check_config(config)
+  config.model.backbone_from_scratch = True
+  train.check_config(config)
+  config.batch_size = 12
+  with pytest.raises(ValueError, match='batch_size=12 .* does not divide over the 8 devices: set it to a '
+                                       'multiple of 8'):
+    train.check_config(config)

@@ -240,7 +240,7 @@ def test_build_command_then_tfds_load_in_a_fresh_process(tmp_path):
                f'print(len(tfds.load("misc210k", split="train", data_dir={str(tmp_path)!r})))')
   assert loaded.returncode == 0, loaded.stderr[-2000:]
   assert loaded.stdout.split()[-1] == '6'
-  shards = [f for f in os.listdir(tmp_path / 'misc210k' / '1.0.0') if '-train.tfrecord' in f]
+  shards = [f for f in os.listdir(tmp_path / 'misc210k' / '1.1.0') if '-train.tfrecord' in f]
   assert len(shards) > 1  # --max_shard_size takes effect
 
 
@@ -301,7 +301,8 @@ def _reorder_columns(path, order):
 
 
 def test_csv_files_are_read_by_their_column_names(data_dir, tmp_path):
-  for name, files in (('pf_pascal/chm', ('trn_pairs.csv', 'test_pairs.csv')), ('pf_willow', ('test_pairs.csv',))):
+  for name, files in (('pf_pascal/chm', ('trn_pairs.csv', 'test_pairs.csv')),
+                      ('pf_willow', ('test_pairs.csv',))):
     manual = tmp_path / name.split('/')[0]
     shutil.copytree(_dummy(name), manual)
     for csv_name in files:

@@ -80,3 +80,21 @@ def test_a_feature_cell_is_centred_on_pixel_stride_times_its_index():
     centroid = np.array([(cols * response).sum(), (rows * response).sum()]) / response.sum()
     expected = grids.resnet(stride).to_cells(np.array([x + 0.5, y + 0.5]))  # the pixel's centre
     np.testing.assert_allclose(centroid, expected, atol=1e-3, err_msg=name)
+
+
+def test_folded_batchnorm_gives_the_same_features_and_gradients():
+  """Frozen BatchNorm folded into the convolutions (the default) against the two as separate passes:
+  same variables (checkpoint layout), outputs and gradients equal to float rounding."""
+  state = formula_state_dict()
+  variables = resnet.torchvision_to_flax(state)
+  variables['params'].pop('fc')
+  image = np.sin(0.05 * np.arange(3 * 64 * 64)).reshape(1, 64, 64, 3).astype(np.float32)
+  folded, plain = (resnet.ResNet(resnet.STAGE_SIZES['resnet101'], fold_batchnorm=f) for f in (True, False))
+  assert jax.tree.structure(jax.eval_shape(folded.init, jax.random.key(0), image)) == jax.tree.structure(
+      jax.eval_shape(plain.init, jax.random.key(0), image))
+  loss = lambda model: jax.jit(jax.value_and_grad(lambda p: (model.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, image)['layer3'] ** 2).mean()))
+  (a, ga), (b, gb) = loss(folded)(variables['params']), loss(plain)(variables['params'])
+  np.testing.assert_allclose(a, b, rtol=1e-4)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-5 * float(np.abs(y).max()))

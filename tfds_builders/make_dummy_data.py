@@ -65,7 +65,8 @@ def misc210k(root):
              5: ('COCO_train2014_000000000005.jpg', 30, 30), 10: ('COCO_val2014_000000000010.jpg', 32, 32),
              11: ('COCO_val2014_000000000011.jpg', 32, 40),
              # CRC-32 of these names puts them in the held-out validation split (the builder's docstring).
-             20: ('COCO_train2014_000000000020.jpg', 30, 36), 124: ('COCO_train2014_000000000124.jpg', 36, 30)}
+             20: ('COCO_train2014_000000000020.jpg', 30, 36),
+             124: ('COCO_train2014_000000000124.jpg', 36, 30)}
   held_out_rng = np.random.default_rng(20)  # added later: the other fixtures' images stay as they were
   for image_id, (name, h, w) in entries.items():
     _image(os.path.join(images, name), w, h, grey=image_id == 3,

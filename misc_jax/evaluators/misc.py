@@ -46,7 +46,8 @@ def eval_step(state, batch, *, config):
   transfer = functools.partial(dual_path.transfer_into, scores, src_kps=src_kps, src_valid=src_valid,
                                size=size, model_config=config.model)
   cells = kbcnet.feature_grid(config.model)
-  result = {'oracle': transfer(dual_path.grid_masks(batch['target']['masks'], grid, cells))}  # [B, J, I, K, 2]
+  true_regions = dual_path.grid_masks(batch['target']['masks'], grid, cells)
+  result = {'oracle': transfer(true_regions)}  # [B, J, I, K, 2]
   if 'mask_logits' in out:
     logits = out['mask_logits']  # [2, B, Q, H, W]
     result['queries'] = transfer(jax.nn.sigmoid(logits[1]))  # [B, Q, I, K, 2]

@@ -13,6 +13,8 @@ The paths exchange information, each exchange behind a config switch (for ablati
   the other image join the mask features (a cell that matches something there is likely the shared object).
 - `mask_volume`: masks restrict the 4D volume: the correlation entering the decoder is gated by the
   predicted foreground (union of the instances) of both images.
+- `positional_encoding`: sine and cosine encodings of each cell's position join the mask features, so that
+  queries can tell look-alike instances of a category apart by where they are.
 - always, when the co-segmentation path is on: a source instance's keypoints are transferred into one
   target instance at a time, by restricting the transfer's softmax over the target cells to that instance's
   mask (`restrict`): scores + beta * log(mask), i.e. the match probabilities times the mask.
@@ -43,7 +45,9 @@ _EPS = 1e-4  # the floor of a restricting mask: log(mask + _EPS)
 def from_config(model_config) -> 'DualPath':
   c = model_config
   return DualPath(**kbcnet.trunk_fields(c), **kbcnet.decoder_fields(c), num_queries=c.num_queries,
-                  mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume)
+                  mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume,
+                  positional_encoding=c.get('positional_encoding', False),
+                  num_parts=c.get('num_parts', 0) if c.get('part_loss_weight') else 0)
 
 
 class DualPath(nn.Module):
@@ -65,12 +69,16 @@ class DualPath(nn.Module):
   coseg: bool = True
   corr_to_mask: bool = True
   mask_volume: bool = True
+  positional_encoding: bool = True
+  num_parts: int = 0  # > 0: the part-classification head of KBCNet (kbcnet.part_loss)
 
   @nn.compact
   def __call__(self, source, target):
     dtype = jnp.dtype(self.dtype)
     b = source.shape[0]
     tokens = kbcnet.encode(self, source, target)  # [2B, H, W, S, dim]
+    if self.num_parts:
+      self.sow('intermediates', 'part_logits', kbcnet.part_logits(tokens, self.num_parts))
     hw, scales = tokens.shape[1:3], tokens.shape[3]
     corr = kbcnet.correlate_tokens(tokens[:b], tokens[b:])  # [B, H, W, H, W, S] float32
     out = {}
@@ -103,7 +111,10 @@ class DualPath(nn.Module):
                   jnp.stack([flat.max(1), flat.mean(1)], -1)]  # target cells: vs every source cell
       evidence = jnp.concatenate(evidence).reshape(b2, h, w, 2)
       feats = feats + nn.Dense(self.mask_dim, dtype=dtype, name='evidence')(evidence)
-    feats = nn.gelu(feats).reshape(b2, h * w, self.mask_dim)
+    feats = nn.gelu(feats)
+    if self.positional_encoding:  # where a cell is: look-alike instances differ by position alone
+      feats = feats + sinusoidal_positions(h, w, self.mask_dim).astype(feats.dtype)
+    feats = feats.reshape(b2, h * w, self.mask_dim)
     # The queries of an image see its own cells and its partner's (partner: the other half of the batch).
     partner = jnp.roll(feats.reshape(2, b2 // 2, h * w, -1), 1, axis=0).reshape(feats.shape)
     context = jnp.concatenate([feats, partner], axis=1)
@@ -118,6 +129,16 @@ class DualPath(nn.Module):
     logits = jnp.einsum('bqc,bnc->bqn', embed, feats) / np.sqrt(self.mask_dim)
     objectness = nn.Dense(1, dtype=dtype, name='objectness')(q)[..., 0]
     return (logits.reshape(b2, -1, h, w).astype(jnp.float32), objectness.astype(jnp.float32))
+
+
+def sinusoidal_positions(h: int, w: int, dim: int):
+  """[h, w, dim] sine and cosine encodings of each cell's row and column (a quarter of dim each, at
+  frequencies from 1 to 1 / 100 of a radian per cell), as the transformers' position encodings."""
+  freqs = 1. / 100**(np.arange(dim // 4) / max(dim // 4 - 1, 1))
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  angles = [ys[..., None] * freqs, xs[..., None] * freqs]
+  out = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], -1)
+  return jnp.asarray(np.pad(out, [(0, 0), (0, 0), (0, dim - out.shape[-1])]), jnp.float32)
 
 
 def foreground(mask_logits, objectness):
@@ -214,19 +235,22 @@ def mask_loss(logits, objectness, gt, gt_valid):
   return matched + obj, match
 
 
-def instance_pair_targets(batch):
+def instance_pair_targets(batch, dense: bool = False):
   """Source keypoints [B, I, K, 2] and mask [B, I, K]; target keypoints [B, J, K, 2]; valid[B, I, J, K]
-  where a keypoint is labelled in source instance i and target instance j."""
-  src, trg = batch['source'], batch['target']
-  src_valid = src['keypoint_valid'] & src['instance_valid'][..., None]
-  trg_valid = trg['keypoint_valid'] & trg['instance_valid'][..., None]
-  return src['keypoints'], src_valid, trg['keypoints'], src_valid[:, :, None] & trg_valid[:, None]
+  where a keypoint is labelled in source instance i and target instance j. `dense`: the dataset's dense
+  points join the keypoints (kbcnet.training_points), for training."""
+  if dense:
+    (src, src_valid), (trg, trg_valid) = (kbcnet.training_points(batch[n]) for n in ('source', 'target'))
+  else:
+    src, trg = batch['source']['keypoints'], batch['target']['keypoints']
+    src_valid, trg_valid = (kbcnet.annotated(batch[n]) for n in ('source', 'target'))
+  return src, src_valid, trg, src_valid[:, :, None] & trg_valid[:, None]
 
 
 def pair_losses(scores, target_masks, batch, size, model_config):
   """EPE and match cross-entropy of every (source instance, target instance) pair, the transfer
   restricted to target_masks [B, J, Hb, Wb]; averaged over pairs with a valid keypoint, then the batch."""
-  src_kps, src_valid, trg_kps, valid = instance_pair_targets(batch)
+  src_kps, src_valid, trg_kps, valid = instance_pair_targets(batch, dense=True)
   pred = transfer_into(scores, target_masks, src_kps, src_valid, size, model_config)  # [B, J, I, K, 2]
   pred = pred.transpose(0, 2, 1, 3, 4)  # [B, I, J, K, 2]
   dist = jnp.sqrt(jnp.sum(((pred - trg_kps[:, None]) / size)**2, -1) + 1e-12)
@@ -237,7 +261,8 @@ def pair_losses(scores, target_masks, batch, size, model_config):
   def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
     return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
         restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None],
-        kbcnet.feature_grid(model_config), model_config.beta, model_config.match_targets).mean(), in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
+        kbcnet.feature_grid(model_config), model_config.beta, model_config.match_targets).mean(),
+                    in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
 
   ce = jax.vmap(match_ce, in_axes=(1, 1, 2))(target_masks, trg_kps, valid)  # [J, I]
   num_pairs = jnp.maximum(pairs.sum((1, 2)), 1)
@@ -250,10 +275,11 @@ def pair_losses(scores, target_masks, batch, size, model_config):
 def train_loss(apply, batch, config):
   """The dual-path training loss and its parts (see the module docstring)."""
   model_config, size = config.model, config.input.image_size
-  out = apply(batch['source']['image'], batch['target']['image'])
+  out, parts = kbcnet.apply_with_parts(apply, batch, config)
   scores = out['scores']
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
-    return kbcnet.train_loss(lambda *_: scores, batch, config)
+    loss, terms = kbcnet.train_loss(lambda *_: scores, batch, _without_parts(config))
+    return loss + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.), {**terms, **parts}
   grid = scores.shape[-1]
   mask_terms, matches = [], []
   for s, name in enumerate(('source', 'target')):
@@ -269,5 +295,13 @@ def train_loss(apply, batch, config):
   regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, H, W]
   epe, ce = pair_losses(scores, regions, batch, size, model_config)
   masks = sum(mask_terms) / 2
-  loss = epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
-  return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks}
+  loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
+          + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.))
+  return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks, **parts}
+
+
+def _without_parts(config):
+  """config whose part loss is off: KBCNet's loss, on scores already computed, adds it here instead."""
+  config = config.copy_and_resolve_references()
+  config.model.part_loss_weight = 0.
+  return config

@@ -76,7 +76,8 @@ def decoder_fields(model_config) -> dict:
 def from_config(model_config) -> 'KBCNet':
   """config.model -> KBCNet (the transfer and initialisation fields are read by the train step)."""
   return KBCNet(**trunk_fields(model_config), **decoder_fields(model_config),
-                decoder_chunk_rows=model_config.decoder_chunk_rows)
+                decoder_chunk_rows=model_config.decoder_chunk_rows,
+                num_parts=model_config.get('num_parts', 0) if model_config.get('part_loss_weight') else 0)
 
 
 def feature_grid(model_config) -> grids.Grid:
@@ -123,6 +124,7 @@ class KBCNet(nn.Module):
   decoder_stride_dims: str = 'source'
   decoder_groups: int = 4
   decoder_chunk_rows: int = 0
+  num_parts: int = 0
   dtype: str = 'float32'
 
   @nn.compact
@@ -130,6 +132,8 @@ class KBCNet(nn.Module):
     dtype = jnp.dtype(self.dtype)
     b = source.shape[0]
     tokens = encode(self, source, target)  # [2B, H, W, S, dim]
+    if self.num_parts:  # read by train_loss (apply(..., mutable='intermediates')), ignored otherwise
+      self.sow('intermediates', 'part_logits', part_logits(tokens, self.num_parts))
     hw = tokens.shape[1:3]
     src, trg = tokens[:b], tokens[b:]
     decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
@@ -156,6 +160,12 @@ class KBCNet(nn.Module):
                for name, d in head_dtypes.items()}
       out = scores(decoder(corr), corr, **heads)
     return out.reshape(b, hw[0] * hw[1], *hw)
+
+
+def part_logits(tokens, num_parts: int):
+  """Every cell's logits over the dataset's parts (category x point slot), from its tokens [2B, H, W, S,
+  dim] -> float32 [2B, H, W, num_parts]: the head of the part-classification loss (`part_loss`)."""
+  return nn.Dense(num_parts, name='part_head')(tokens.mean(3)).astype(jnp.float32)
 
 
 def score_volume(decoded, corr, refine_head, corr_head, stride_dims: str):
@@ -256,7 +266,7 @@ def train_loss(apply, batch, config):
   m = config.model
   size, grid = config.input.image_size, feature_grid(m)
   src, trg = batch['source'], batch['target']
-  scores = apply(src['image'], trg['image'])
+  scores, parts = apply_with_parts(apply, batch, config)
   src_points, src_valid = training_points(src)  # [B, I, N, 2], [B, I, N]
   trg_points, trg_valid = training_points(trg)  # [B, J, N, 2], [B, J, N]
 
@@ -275,7 +285,39 @@ def train_loss(apply, batch, config):
   per_pair = lambda x: (x.sum(1) / jnp.maximum(has_any.sum(1), 1)).mean()  # a pair without any adds 0
   transfer, match = per_pair(err), per_pair(nll)
   loss = m.transfer_loss_weight * transfer + m.match_loss_weight * match
-  return loss, {'transfer_loss': transfer, 'match_loss': match}
+  return loss + m.get('part_loss_weight', 0.) * parts.get('part_loss', 0.), {
+      'transfer_loss': transfer, 'match_loss': match, **parts}
+
+
+def apply_with_parts(apply, batch, config):
+  """The model's output on the batch's images, and {'part_loss': ...} when config.model.part_loss_weight
+  asks for it (the part logits the model sows: `part_logits`), else {}."""
+  images = (batch['source']['image'], batch['target']['image'])
+  if not config.model.get('part_loss_weight'):
+    return apply(*images), {}
+  out, inter = apply(*images, mutable='intermediates')
+  return out, {'part_loss': part_loss(inter['intermediates']['part_logits'][0], batch,
+                                      feature_grid(config.model))}
+
+
+def part_loss(logits, batch, grid: grids.Grid):
+  """Part classification: the cross-entropy of every supervised point's class (category x point slot:
+  the same part of the same category in any image shares it) against the logits [2B, H, W, C] read at the
+  point (bilinear), averaged over the points of the batch. It asks each cell's tokens to say which part
+  they show, which the correlation of two images' tokens then matches; the pairwise loss alone learns
+  that slowly from scratch (docs/training.md)."""
+  sides = [training_points(batch[name]) for name in ('source', 'target')]
+  points = jnp.concatenate([p for p, _ in sides])  # [2B, I, N, 2]
+  valid = jnp.concatenate([v for _, v in sides])  # [2B, I, N]
+  b2, i, n, _ = points.shape
+  category = jnp.concatenate([batch['category']] * 2)  # [2B]
+  label = category[:, None, None] * n + jnp.arange(n)  # [2B, 1, N]: the class of slot n
+  at = soft_argmax.interpolate_at_cells(logits, grid.to_cells(points.reshape(b2, i * n, 2)),
+                                        valid.reshape(b2, i * n))  # [2B, I N, C]
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(at), jnp.broadcast_to(label, (b2, i, n)).reshape(
+      b2, i * n, 1), -1)[..., 0]
+  valid = valid.reshape(b2, i * n)
+  return (nll * valid).sum() / jnp.maximum(valid.sum(), 1)
 
 
 def training_points(side):
@@ -293,12 +335,12 @@ def instance_targets(batch):
   """A batch (input_pipeline layout, one device) -> source keypoints [B, K, 2] and their mask [B, K];
   target keypoints [B, I, K, 2], mask [B, I, K] (valid in both images) and boxes [B, I, 4]."""
   src, trg = batch['source'], batch['target']
-  src_valid = _annotated(src)[:, 0]
-  valid = src_valid[:, None] & _annotated(trg)
+  src_valid = annotated(src)[:, 0]
+  valid = src_valid[:, None] & annotated(trg)
   return src['keypoints'][:, 0], src_valid, trg['keypoints'], valid, trg['bboxes']
 
 
-def _annotated(side):
+def annotated(side):
   """One image's keypoint mask [B, I, K]: labelled, on an annotated instance."""
   return side['keypoint_valid'] & side['instance_valid'][..., None]
 

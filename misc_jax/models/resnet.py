@@ -74,23 +74,66 @@ def _norm(name, dtype, kind='batch'):
   return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype, name=name)
 
 
+class _Kernel(nn.Module):
+  """Only the kernel of a bias-free nn.Conv, under the same name and path."""
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', nn.initializers.lecun_normal(), self.shape)
+
+
+class _FrozenStatistics(nn.Module):
+  """Only the variables of an nn.BatchNorm (params scale, bias; batch_stats mean, var), same paths."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    scale = self.param('scale', nn.initializers.ones, (self.features,))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,)).value
+    var = self.variable('batch_stats', 'var', jnp.ones, (self.features,)).value
+    return scale, bias, mean, var
+
+
+def conv_norm(x, features: int, kernel: int, stride: int, conv_name: str, norm_name: str, dtype,
+              norm: str = 'batch', fold: bool = True):
+  """A bias-free convolution and its normalisation. With frozen BatchNorm statistics and `fold` the two
+  are one convolution: kernel * scale / sqrt(var + eps) and bias - mean * scale / sqrt(var + eps), computed
+  from the same parameters (so checkpoints and gradients are unchanged) and saving a pass over the
+  activations forward and backward (issue: accelerator efficiency)."""
+  padding = [(kernel // 2, kernel // 2)] * 2
+  if norm != 'batch' or not fold:
+    y = nn.Conv(features, (kernel, kernel), (stride, stride), padding, use_bias=False, dtype=dtype,
+                name=conv_name)(x)
+    return _norm(norm_name, dtype, norm)(y)
+  w = _Kernel((kernel, kernel, x.shape[-1], features), name=conv_name)()
+  scale, bias, mean, var = _FrozenStatistics(features, name=norm_name)()
+  factor = scale * jax.lax.rsqrt(var + 1e-5)  # float32, as nn.BatchNorm computes it
+  w, x = nn.dtypes.promote_dtype(w * factor, x, dtype=dtype)
+  y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return y + (bias - mean * factor).astype(y.dtype)
+
+
 class Bottleneck(nn.Module):
   features: int
   stride: int = 1
   downsample: bool = False
   dtype: jnp.dtype | None = None
   norm: str = 'batch'
+  fold_batchnorm: bool = True
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), [(k // 2, k // 2)] * 2, use_bias=False,
-                                         dtype=self.dtype, name=name)
-    y = nn.relu(_norm('bn1', self.dtype, self.norm)(conv(self.features, 1, 1, 'conv1')(x)))
-    y = nn.relu(_norm('bn2', self.dtype, self.norm)(conv(self.features, 3, self.stride, 'conv2')(y)))
-    y = _norm('bn3', self.dtype, self.norm)(conv(4 * self.features, 1, 1, 'conv3')(y))
+    unit = lambda x, f, k, s, i, prefix='': conv_norm(
+        x, f, k, s, f'{prefix}conv{i}', f'{prefix}bn{i}', self.dtype, self.norm, self.fold_batchnorm)
+    y = nn.relu(unit(x, self.features, 1, 1, 1))
+    y = nn.relu(unit(y, self.features, 3, self.stride, 2))
+    y = unit(y, 4 * self.features, 1, 1, 3)
     if self.downsample:
-      x = _norm('downsample_bn', self.dtype, self.norm)(conv(4 * self.features, 1, self.stride,
-                                                  'downsample_conv')(x))
+      x = conv_norm(x, 4 * self.features, 1, self.stride, 'downsample_conv', 'downsample_bn', self.dtype,
+                    self.norm, self.fold_batchnorm)
     return nn.relu(x + y)
 
 
@@ -108,6 +151,7 @@ class ResNet(nn.Module):
   norm: str = 'batch'  # see _norm
   frozen_stages: int = 0
   hyperpixels: tuple[int, ...] = ()
+  fold_batchnorm: bool = True  # see conv_norm
 
   def features(self, x) -> list:
     out = self(x)
@@ -119,9 +163,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.width, (7, 7), (2, 2), [(3, 3)] * 2, use_bias=False, dtype=self.dtype,
-                name='conv1')(x)
-    x = nn.relu(_norm('bn1', self.dtype, self.norm)(x))
+    x = nn.relu(conv_norm(x, self.width, 7, 2, 'conv1', 'bn1', self.dtype, self.norm, self.fold_batchnorm))
     x = nn.max_pool(x, (3, 3), (2, 2), [(1, 1)] * 2)
     freeze = lambda y, stage: jax.lax.stop_gradient(y) if stage < self.frozen_stages else y
     x = freeze(x, 0)
@@ -129,7 +171,7 @@ class ResNet(nn.Module):
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         stride = 2 if i > 0 and j == 0 else 1
-        x = freeze(Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, self.norm,
+        x = freeze(Bottleneck(self.width * 2**i, stride, j == 0, self.dtype, self.norm, self.fold_batchnorm,
                               name=f'layer{i + 1}_{j}')(x), i + 1)
         blocks.append(x)
       out[f'layer{i + 1}'] = x
@@ -143,7 +185,8 @@ def from_config(model_config) -> ResNet:
   """config.model -> the backbone of KBCNet and the dual path."""
   c = model_config
   return ResNet(tuple(c.stage_sizes), width=c.width, dtype=jnp.dtype(c.dtype), norm=c.backbone_norm,
-                frozen_stages=frozen_stages(c), hyperpixels=hyperpixel_ids(c.hyperpixels, c.stage_sizes))
+                frozen_stages=frozen_stages(c), hyperpixels=hyperpixel_ids(c.hyperpixels, c.stage_sizes),
+                fold_batchnorm=c.get('fold_batchnorm', True))
 
 
 def feature_grid(model_config) -> grid.Grid:
@@ -155,6 +198,12 @@ def frozen_stages(model_config) -> int:
   """How many stages (the stem is stage 0) are frozen: every one with model.freeze_backbone."""
   c = model_config
   return len(c.stage_sizes) + 1 if c.get('freeze_backbone') else c.freeze_stages
+
+
+def needs_weights(model_config) -> bool:
+  """Frozen BatchNorm statistics only make sense with pretrained weights (the tiny variant uses GroupNorm
+  and trains from scratch)."""
+  return model_config.backbone_norm == 'batch'
 
 
 def is_frozen(path, model_config) -> bool:

@@ -19,7 +19,7 @@ from misc_jax.models import resnet
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A torchvision state_dict from .pth/.pt, .safetensors or .npz, as numpy arrays."""
+  """A PyTorch state_dict from .pth/.pt, .safetensors or .npz, as numpy arrays."""
   suffix = epath.Path(path).suffix
   if suffix in ('.pth', '.pt'):
     try:

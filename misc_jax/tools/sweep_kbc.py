@@ -52,10 +52,10 @@ def table(rows: list[dict]) -> str:
   """The rows as Markdown, KBC off first, then by PCK@0.1, best first."""
   keys = [k for k in rows[0] if k.startswith('pck@')]
   order = [rows[0]] + sorted(rows[1:], key=lambda r: -r.get('pck@0.1', 0.))
-  lines = ['| ' + ' | '.join(FIELDS) + ' | ' + ' | '.join(keys) + ' |', '|---' * (len(FIELDS) + len(keys)) + '|']
+  lines = ['| ' + ' | '.join(FIELDS + tuple(keys)) + ' |', '|---' * (len(FIELDS) + len(keys)) + '|']
   for row in order:
-    settings = [str(row['kbc'][f]) if row['kbc'] and f in row['kbc'] else ('KBC off' if not row['kbc'] else '')
-                for f in FIELDS]
+    settings = ([str(row['kbc'].get(f, '')) for f in FIELDS] if row['kbc']
+                else ['KBC off'] + [''] * (len(FIELDS) - 1))
     lines.append('| ' + ' | '.join(settings) + ' | ' + ' | '.join(f'{100 * row[k]:.2f}' for k in keys) + ' |')
   return '\n'.join(lines)
 

@@ -1,9 +1,9 @@
 """pf_willow: PF-WILLOW (Ham et al., 2016), 900 test pairs of 10 classes with 10 keypoints each.
 
 Test only, as in the literature. `test_pairs.csv` is read by its header's names: `imageA`, `imageB` (source
-and target paths), `XA1..XA10`, `YA1..YA10` (source keypoints), `XB1..XB10`, `YB1..YB10` (target). Paths look like `PF-dataset/car(G)/Cars_006a.png`; a
-flattened copy (`car(G)/Cars_006a.png`) is accepted too. The class is the image's folder. The box is the
-extent of the valid keypoints only (the peers' padded keypoints leaked into it: REFERENCE.md section 4).
+and target paths), `XA1..XA10`, `YA1..YA10` (source keypoints), `XB1..XB10`, `YB1..YB10` (target). Paths
+look like `PF-dataset/car(G)/Cars_006a.png`; a flattened copy (`car(G)/Cars_006a.png`) is accepted too.
+The class is the image's folder. The box is the extent of the valid keypoints only (the peers' padded keypoints leaked into it: REFERENCE.md section 4).
 """
 
 import os

@@ -1,0 +1,59 @@
+r"""Exports a run's trunk (backbone and CSFA), with its provenance, for `config.model.trunk_init`.
+
+  python -m misc_jax.tools.export_trunk --workdir runs/pretrain --out misc_jax/assets/trunk.msgpack
+
+The file is a msgpack of {'params': {'backbone', 'csfa'}, 'batch_stats', 'provenance'}: the run's config
+(JSON), the code's git commit when there is one, the step, and the training's wall time. A model whose
+trunk has the same shapes starts from it; its decoder and heads start fresh.
+"""
+
+import json
+import subprocess
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import flax
+import jax
+
+from misc_jax import rundir
+from misc_jax import train
+from misc_jax import visualize
+
+
+def export(workdir: str, out: str, checkpoint: str = 'latest') -> dict:
+  config, _, state, step = train.load_run(workdir, checkpoint)
+  params = jax.device_get(state.params)
+  stats = jax.device_get(state.batch_stats)
+  uptime = visualize.read_scalars(str(rundir.absolute(workdir))).get('uptime', [(step, float('nan'))])
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                            cwd=epath.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = 'unknown'
+  provenance = {'config': config.to_json_best_effort(), 'commit': commit, 'step': int(step),
+                'wall_time_s': float(uptime[-1][1]), 'workdir': str(workdir)}
+  trunk = {'params': {m: params[m] for m in train.TRUNK if m in params},
+           'batch_stats': {m: stats[m] for m in train.TRUNK if m in stats},
+           'provenance': json.dumps(provenance)}
+  path = epath.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(flax.serialization.msgpack_serialize(trunk))
+  logging.info('Wrote %s: the trunk of %s at step %d (%.0f s of training, commit %s).', path, workdir, step,
+               provenance['wall_time_s'], commit)
+  return trunk
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.checkpoint)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'The run whose trunk is exported.')
+  flags.DEFINE_string('out', None, 'The msgpack file to write.')
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

@@ -1,0 +1,152 @@
+"""The Flax DINOv2 against the official code (shared/golden section 11: formula-defined weights through the
+converter), its pieces against plain references, and DINOv2 as KBCNet's backbone."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from misc_jax.models import dinov2
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
+
+
+def formula_state_dict(case: str) -> dict:
+  """The state_dict the golden file was made with (shared/golden/README.md section 11)."""
+  with open(os.path.join(GOLDEN, f'dinov2_{case}_state_dict_spec.json')) as f:
+    spec = json.load(f)['state_dict']
+  out = {}
+  for i, (key, shape) in enumerate(spec):
+    base = np.sin(0.7 * np.arange(int(np.prod(shape))) + 1.3 * i).reshape(shape)
+    if key in ('cls_token', 'mask_token', 'register_tokens', 'pos_embed'):
+      value = 0.5 * base
+    elif key.endswith('.gamma'):
+      value = 0.5 * (1 + 0.1 * base)
+    elif len(shape) > 1:
+      value = base / np.sqrt(np.prod(shape[1:]))
+    elif key.endswith('.weight'):
+      value = 1 + 0.1 * base
+    else:
+      value = 0.05 * base
+    out[key] = value.astype(np.float32)
+  return out
+
+
+@pytest.mark.parametrize('case', ['vits14', 'vits14_reg'])
+def test_matches_the_official_dinov2(case):
+  """Position embedding resized with torch's rules (scale-factor offset / antialiased size), registers
+  between cls and patches, every block: within the golden file's tolerances."""
+  golden = np.load(os.path.join(GOLDEN, f'dinov2_{case}.npz'))
+  blocks = tuple(int(i) for i in golden['block_indices'])
+  model = dinov2.DinoV2(**dinov2.architecture(case), out_blocks=blocks)
+  variables = dinov2.official_to_flax(formula_state_dict(case), case)
+  out = jax.jit(model.apply)(variables, golden['image_nchw'].transpose(0, 2, 3, 1))
+  registers = model.registers
+  np.testing.assert_allclose(out['norm'][:, 0], golden['x_norm_clstoken'], atol=1e-4)
+  np.testing.assert_allclose(out['norm'][:, 1:1 + registers], golden['x_norm_regtokens'], atol=1e-4)
+  np.testing.assert_allclose(out['norm'][:, 1 + registers:], golden['x_norm_patchtokens'], atol=1e-4)
+  np.testing.assert_allclose(out['prenorm'], golden['x_prenorm'], rtol=1e-4, atol=1e-4)
+  for i in blocks:
+    np.testing.assert_allclose(out['raw_blocks'][i], golden[f'block{i}_output'], rtol=1e-4, atol=1e-4,
+                               err_msg=f'block {i}')
+
+
+def test_swiglu_matches_a_numpy_reference():
+  """ViT-g's feed-forward: w3(silu(x1) * x2) with [x1, x2] = w12(x), hidden (int(8 D / 3) + 7) // 8 * 8."""
+  d = 24
+  ffn = dinov2.SwiGLU()
+  x = np.random.default_rng(0).normal(size=(2, 5, d)).astype(np.float32)
+  params = ffn.init(jax.random.key(1), x)['params']
+  hidden = (int(4 * d * 2 / 3) + 7) // 8 * 8
+  assert params['w12']['kernel'].shape == (d, 2 * hidden) and params['w3']['kernel'].shape == (hidden, d)
+  h = x @ params['w12']['kernel'] + params['w12']['bias']
+  x1, x2 = h[..., :hidden], h[..., hidden:]
+  want = (x1 / (1 + np.exp(-x1)) * x2) @ params['w3']['kernel'] + params['w3']['bias']
+  np.testing.assert_allclose(ffn.apply({'params': params}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_518_px_grid_keeps_its_position_embedding():
+  pos = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1 + 37 * 37, 8)), jnp.float32)
+  np.testing.assert_array_equal(dinov2.resize_position_embedding(pos, 37, 37, 0.1, False), pos)
+  assert dinov2.resize_position_embedding(pos, 9, 7, 0.1, False).shape == (1, 1 + 63, 8)
+
+
+@pytest.mark.parametrize('name,expected', [('vitb14', (768, 12, 12, 'mlp', 0)),
+                                           ('vitg14_reg', (1536, 40, 24, 'swiglu', 4))])
+def test_architectures_follow_the_hub_models(name, expected):
+  a = dinov2.architecture(name)
+  assert (a['dim'], a['depth'], a['heads'], a['ffn'], a['registers']) == expected
+  with pytest.raises(ValueError, match="unknown DINOv2 model 'vith14'"):
+    dinov2.architecture('vith14')
+
+
+def test_the_converter_reads_the_architecture_and_refuses_what_does_not_fit(tmp_path):
+  from misc_jax.tools import convert_dinov2  # pylint: disable=g-import-not-at-top
+  state = formula_state_dict('vits14_reg')
+  np.savez(tmp_path / 'reg.npz', **state)
+  variables = convert_dinov2.convert(str(tmp_path / 'reg.npz'), str(tmp_path / 'reg.msgpack'))
+  np.testing.assert_array_equal(variables['params']['blocks_3']['attn']['qkv']['kernel'],
+                                state['blocks.3.attn.qkv.weight'].T)
+  assert convert_dinov2.model_name(state) == 'vits14_reg'
+  bad = dict(state, **{'blocks.2.mlp.fc1.weight': np.zeros((100, 384), np.float32)})
+  with pytest.raises(ValueError, match=r"'blocks.2.mlp.fc1.weight' has shape \(384, 100\), the model "
+                                       r"expects \(384, 1536\)"):
+    dinov2.official_to_flax(bad, 'vits14_reg')
+  extra = dict(state, **{'head.weight': np.zeros((10, 384), np.float32)})
+  with pytest.raises(ValueError, match="checkpoint key 'head.weight'"):
+    dinov2.official_to_flax(extra, 'vits14_reg')
+  missing = {k: v for k, v in state.items() if not k.startswith('blocks.11.')}
+  with pytest.raises(ValueError, match=r"the checkpoint lacks 14 arrays, e.g. \['blocks.11.attn.proj.bias'"):
+    dinov2.official_to_flax(missing, 'vits14_reg')
+  np.savez(tmp_path / 'resnet.npz', **{'conv1.weight': np.zeros((64, 3, 7, 7), np.float32)})
+  with pytest.raises(ValueError, match='resnet.npz: not a DINOv2 state_dict'):
+    convert_dinov2.convert(str(tmp_path / 'resnet.npz'), str(tmp_path / 'out.msgpack'))
+
+
+@pytest.fixture(scope='module')
+def smoke(tiny_data_dir):
+  from configs import kbcnet_dinov2_spair  # pylint: disable=g-import-not-at-top
+  config = kbcnet_dinov2_spair.get_config('smoke')
+  config.dataset.data_dir = tiny_data_dir
+  return config
+
+
+def test_a_frozen_dinov2_gets_no_gradient_and_a_fine_tuned_one_does(smoke):
+  from misc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from misc_jax import optim  # pylint: disable=g-import-not-at-top
+  from misc_jax import train  # pylint: disable=g-import-not-at-top
+  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:2],
+                       next(input_pipeline.train_iterator(smoke, to_device=False)))
+  for frozen in (True, False):
+    config = smoke.copy_and_resolve_references()
+    config.model.freeze_backbone = frozen
+    model_module, model = train.create_model(config)
+    state = train.initial_state(config, model)
+    loss = lambda p: model_module.train_loss(
+        lambda s, t: state.apply_fn({'params': p, 'batch_stats': state.batch_stats}, s, t), batch, config)[0]
+    grads = jax.jit(jax.grad(loss))(state.params)
+    backbone = [np.abs(g).max() for g in jax.tree.leaves(grads['backbone'])]
+    assert (max(backbone) == 0) == frozen
+    labels = set(jax.tree.leaves(optim.param_labels(state.params, config.model)['backbone']))
+    assert labels == ({'frozen'} if frozen else {'backbone'})
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads['csfa']))
+
+
+@pytest.mark.slow
+def test_kbcnet_on_dinov2_trains_and_resumes_exactly(smoke, tmp_path):
+  """Random ViT-S/14 weights, 56 px: three steps straight, and two then one more after a restart."""
+  from misc_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import configure  # pylint: disable=g-import-not-at-top
+  params = {}
+  for name, stops in (('straight', (3,)), ('restarted', (2, 3))):
+    for total in stops:
+      config = configure(smoke.copy_and_resolve_references(), total_steps=total, eval_every_steps=3)
+      metrics = train.train_and_evaluate(config, str(tmp_path / name))
+    with train.rundir.manager(tmp_path / name / 'checkpoints') as mgr:
+      params[name] = mgr.restore(3)['params']
+  assert 0 <= metrics['pck@0.1'] <= 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), params['straight'],
+               params['restarted'])
