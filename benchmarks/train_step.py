@@ -2,6 +2,7 @@ r"""Training throughput of KBCNet: pairs/s, step time, XLA FLOPs, and the fracti
 
   python benchmarks/train_step.py [--variants kbcnet_tiny,kbcnet_r101] [--sizes 240,512] \
       [--dtypes float32,bfloat16] [--chunk_rows 0,4] [--batch 1] [--steps 3] [--feature_stride 0] \
+      [--steps_per_dispatch 1,4,16] [--set model.fold_batchnorm=False] \
       [--peak_tflops P] [--profile DIR] [--out benchmarks/results/train_step_cpu.json]
   python benchmarks/train_step.py --config configs/kbcnet_spair.py,configs/misc210k_dualpath.py
 
@@ -22,9 +23,11 @@ the run if any timed step compiles again.
 import argparse
 import ast
 import collections
+import copy
 import glob
 import gzip
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -115,17 +118,19 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
   model_module, model = train.create_model(config)
   p_state = train.replicate(train.initial_state(config, model))
   k = config.get('steps_per_dispatch', 1)
+  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
+  one_step = lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
+                                              config=config)
+  flops = model_flops(one_step, p_state, host_batch, rng)  # one step's, whatever k
   if k > 1:
     host_batch = jax.tree.map(lambda x: np.repeat(x[:, None], k, 1), host_batch)  # [devices, k, ...]
   batch = jax.pmap(lambda x: x)(host_batch)  # on the devices, once
-  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
   step_fn = lambda s, b, r: (train.train_steps if k > 1 else train.train_step)(
       s, b, jax.random.wrap_key_data(r), model_module=model_module, config=config)
   step = jax.pmap(step_fn, axis_name='batch', donate_argnums=(0,))
   start = time.perf_counter()
   compiled = step.lower(p_state, batch, rng).compile()
   compile_s = time.perf_counter() - start
-  flops = model_flops(step_fn, p_state, batch, rng)
   compiled_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   memory = compiled.memory_analysis()
   p_state, metrics = step(p_state, batch, rng)  # warm-up (the first call also compiles)
@@ -216,7 +221,7 @@ def measure(config, per_device: int, steps: int, profile_dir: str | None = None)
     config.total_steps = config.total_steps or 1000  # epoch-based configs: the schedule does not matter
   run = run_steps(config, random_batch(config, devices, per_device), steps, profile_dir)
   k = config.get('steps_per_dispatch', 1)
-  seconds = statistics.median(run['times']) / k  # per training step (XLA counts the scan's body once)
+  seconds = statistics.median(run['times']) / k  # per training step
   size = config.input.image_size
   return dict(model=config.model.get('name', 'kbcnet'), variant=config.model.variant, image_size=size,
               freeze_stages=config.model.get('freeze_stages'),
@@ -271,6 +276,8 @@ def main():
                       help='config files to time instead of the sweep, e.g. configs/kbcnet_spair.py')
   parser.add_argument('--feature_stride', type=int, default=0,
                       help='image pixels per feature cell (0: 8 for kbcnet_tiny, 16 for ResNets)')
+  parser.add_argument('--steps_per_dispatch', default='1',
+                      help='training steps per pmapped call to time, e.g. 1,4,16 (config.steps_per_dispatch)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override a config field of every configuration, e.g. model.freeze_stages=2')
   parser.add_argument('--peak_tflops', type=float, default=None,
@@ -299,17 +306,19 @@ def main():
                for variant in args.variants.split(',') for size in map(int, args.sizes.split(','))
                for dtype in args.dtypes.split(',') for rows in map(int, args.chunk_rows.split(','))]
   rows = []
-  for name, config in configs:
+  for (name, config), k in itertools.product(configs, map(int, args.steps_per_dispatch.split(','))):
+    config = copy.deepcopy(config)
     with config.unlocked():
+      config.steps_per_dispatch = k
       for item in args.set:
         key, _, value = item.partition('=')
         config.update_from_flattened_dict({key: literal(value)})
-    name += ''.join(f' {item}' for item in args.set)
+    name += f' k={k}' + ''.join(f' {item}' for item in args.set)
     row = measure(config, args.batch, args.steps,
                   args.profile and os.path.join(args.profile, re.sub(r'\W', '_', name)))
     row['fraction_of_peak'] = row['gflops'] / peak
     rows.append(row)
-    settings = ''.join(' ' + item for item in args.set)
+    settings = f' k={k}' * (k > 1) + ''.join(' ' + item for item in args.set)
     print(f'| {row["model"]} {row["variant"]}{settings} | {row["image_size"]} | {row["grid"]} | '
           f'{row["dtype"]} | '
           f'{row["chunk_rows"] or "-"} | {row["batch"]} | {row["step_s"]:.3f} | {row["pairs_per_s"]:.2f} | '

@@ -19,6 +19,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.steps_per_dispatch = 1  # k > 1: k steps per call (train.train_steps); the counts above divide by k
+  config.unroll_dispatch = False  # True: those k steps unrolled (k x the compile time; faster on CPUs)
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = dataset
@@ -51,7 +52,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   # here the source dims are strided and the target, where keypoints land, is not ('target': the reverse).
   config.model.decoder_stride_dims = 'source'
   # Backbone blocks whose features are correlated (models/resnet.py): 'last' (the last block of layers
-  # 2-4), 'cats' (CATs' 8 ResNet-101 blocks), 'hsnet' (every block of layers 2-4), or DHPF indices.
+  # 2-4), 'cats' (CATs' 8 ResNet-101 blocks), 'hsnet' (every block of layers 2-4), or DHPF indices ('1,2,3').
   config.model.hyperpixels = 'last'
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
   config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of source rows, bounded memory
@@ -64,8 +65,14 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.transfer_loss_weight = 1.0  # the soft-argmax prediction's distance to the truth
   config.model.part_loss_weight = 0.0  # > 0: cells also classify the part they show (kbcnet.part_loss)
   config.model.num_parts = 0  # its classes: categories x (max_keypoints + max_dense_points)
+  # Sub-cell refinement (kbcnet.refine_keypoints), on the backbone's first (finest) feature map: 0 is off.
+  config.model.refine_dim = 0
+  config.model.refine_radius = 3     # the window: a Gaussian of sigma r cells of that map around the coarse match
+  config.model.refine_beta = 0.05    # softmax temperature over the window's cosines
+  config.model.refine_loss_weight = 1.0
   config.model.freeze_stages = 0      # 0: train all; 1: freeze the stem; 2: stem and layer1; ...
   config.model.freeze_backbone = False  # True: the whole backbone (no backward pass through it)
+  config.model.fold_batchnorm = True  # frozen BatchNorm folded into the convolutions (models/resnet.py)
   config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
   config.model.backbone_from_scratch = False     # True: allow a BatchNorm backbone without weights
   config.model.trunk_init = placeholder(str)     # backbone + CSFA from misc_jax.tools.export_trunk

@@ -80,7 +80,7 @@ class Predictor:
 
   def _transfer_fn(self, source, target, full, kps, valid, use_kbc):
     variables = {'params': self.state.params, 'batch_stats': self.state.batch_stats}
-    apply_fn = lambda s, t: _scores(self.state.apply_fn(variables, s, t))
+    apply_fn = lambda s, t: self.state.apply_fn(variables, s, t)  # scores, or a dict holding them
     size = self.config.input.image_size
     transfer = lambda scores, k, v: self.model_module.predict_keypoints(
         scores, k, v, size, **self.model_module.transfer_kwargs(self.config.model))
@@ -112,10 +112,6 @@ class Predictor:
 def full_size(config) -> int:
   """The side of the images KBC's crops are cut from: the input enlarged by kbc.max_scale."""
   return round(config.kbc.max_scale * config.input.image_size)
-
-
-def _scores(out):
-  return out['scores'] if isinstance(out, dict) else out  # the dual-path model also returns masks
 
 
 def read_image(path: str) -> np.ndarray:

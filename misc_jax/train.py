@@ -201,9 +201,16 @@ def train_steps(state, batches, rng, *, model_module, config):
   """config.steps_per_dispatch = k training steps in one call: a scan of `train_step` over batches
   stacked on a leading axis [k, ...]. The parameters are those of k single calls (the data, the rng of
   each step and the optimiser see the same values); one dispatch launches the work of k steps, so the host
-  keeps up with an accelerator whose step is shorter than its own launch cost. Metrics: [k, ...]."""
+  keeps up with an accelerator whose step is shorter than its own launch cost. Metrics: [k, ...].
+
+  XLA:CPU runs a loop's body several times slower than the same computation outside a loop
+  (docs/performance.md), so k = 1 calls the step without the scan, and config.unroll_dispatch unrolls it
+  (one compiled copy of the step per step of the dispatch)."""
   step = functools.partial(train_step, rng=rng, model_module=model_module, config=config)
-  return lax.scan(lambda s, b: step(s, b), state, batches)
+  if jax.tree.leaves(batches)[0].shape[0] == 1:
+    state, metrics = step(state, jax.tree.map(lambda x: x[0], batches))
+    return state, jax.tree.map(lambda x: x[None], metrics)
+  return lax.scan(lambda s, b: step(s, b), state, batches, unroll=bool(config.get('unroll_dispatch')))
 
 
 def check_dispatch(config, start: int) -> int:
@@ -359,6 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Model, optimiser, restore.
   model_module, model = create_model(config)
   state, start = _resume(initial_state(config, model), run_dir)
+  if jax.process_count() > 1:  # every process has looked for checkpoints before any creates the directory
+    multihost_utils.sync_global_devices('resumed')
   latest_mgr, best_mgr = _checkpoint_managers(config, run_dir)
   k = check_dispatch(config, start)
   p_state = replicate(state)

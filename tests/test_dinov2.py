@@ -135,18 +135,19 @@ def test_a_frozen_dinov2_gets_no_gradient_and_a_fine_tuned_one_does(smoke):
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads['csfa']))
 
 
-@pytest.mark.slow
-def test_kbcnet_on_dinov2_trains_and_resumes_exactly(smoke, tmp_path):
-  """Random ViT-S/14 weights, 56 px: three steps straight, and two then one more after a restart."""
+def test_kbcnet_on_dinov2_trains_and_resumes(smoke, tmp_path):
+  """Random ViT-S/14 weights, 56 px: two steps, then a restart that resumes at step 2 and trains a third
+  (exact resume itself is tested on the ResNet model, tests/test_train.py; the mechanism is the same)."""
   from misc_jax import train  # pylint: disable=g-import-not-at-top
   from conftest import configure  # pylint: disable=g-import-not-at-top
-  params = {}
-  for name, stops in (('straight', (3,)), ('restarted', (2, 3))):
-    for total in stops:
-      config = configure(smoke.copy_and_resolve_references(), total_steps=total, eval_every_steps=3)
-      metrics = train.train_and_evaluate(config, str(tmp_path / name))
-    with train.rundir.manager(tmp_path / name / 'checkpoints') as mgr:
-      params[name] = mgr.restore(3)['params']
+  workdir = tmp_path / 'run'
+  for total in (2, 3):
+    config = configure(smoke.copy_and_resolve_references(), total_steps=total, eval_every_steps=3)
+    metrics = train.train_and_evaluate(config, str(workdir))
   assert 0 <= metrics['pck@0.1'] <= 1
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), params['straight'],
-               params['restarted'])
+  with train.rundir.manager(workdir / 'checkpoints') as mgr:
+    assert mgr.all_steps() == [1, 2, 3]
+    before, after = mgr.restore(2)['params'], mgr.restore(3)['params']
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after))
+  assert max(moved) > 0  # the third step trained from the second's parameters
+  np.testing.assert_array_equal(before['backbone']['pos_embed'], after['backbone']['pos_embed'])  # frozen

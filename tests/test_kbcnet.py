@@ -79,7 +79,7 @@ def test_unknown_variant_is_named():
 
 
 @pytest.mark.parametrize('grid', [2, 4, 8, 15, 30])
-@pytest.mark.parametrize('transfer', ['soft_argmax', 'kernel_soft_argmax'])
+@pytest.mark.parametrize('transfer', ['soft_argmax', 'kernel_soft_argmax', 'local_soft_argmax'])
 def test_identity_volume_returns_keypoints_where_they_started(grid, transfer):
   """Identical images: a one-hot volume (each source cell on its own target cell) maps every keypoint,
   anywhere in the image, to itself, at every feature resolution."""
@@ -262,3 +262,48 @@ def test_the_decoder_strides_one_side_and_the_scores_keep_both_grids(stride_dims
   out, state = jax.eval_shape(lambda v: model.apply(v, image, image, capture_intermediates=True), variables)
   assert out.shape == (1, 256, 16, 16)
   assert state['intermediates']['decoder']['__call__'][0].shape[:5] == decoded
+
+
+def test_local_soft_argmax_ignores_a_constant_and_keeps_one_of_two_modes():
+  """Adding a constant to the scores (which the softmax and the loss ignore) leaves the local soft-argmax
+  unchanged, while it moves CHM's kernel soft-argmax; of two equal far-apart modes it returns one, not
+  the point between them."""
+  from misc_jax.ops import soft_argmax  # pylint: disable=g-import-not-at-top
+  corr = np.asarray(jax.random.normal(jax.random.key(0), (1, 2, 2, 12, 12)))
+  local = soft_argmax.local_soft_argmax(corr, 0.5, 1.5)
+  np.testing.assert_allclose(soft_argmax.local_soft_argmax(corr - 3, 0.5, 1.5), local, atol=1e-4)
+  kernel = soft_argmax.kernel_soft_argmax(corr / 0.5, 1.5)
+  assert np.abs(soft_argmax.kernel_soft_argmax((corr - 3) / 0.5, 1.5) - kernel).max() > 0.05
+  two = np.zeros((1, 1, 1, 12, 12), np.float32)
+  two[..., 2, 2] = two[..., 9, 9] = 1
+  xy = np.asarray(soft_argmax.local_soft_argmax(two, 0.05, 1.5, (np.arange(12.), np.arange(12.))))[0, 0, 0]
+  assert min(np.abs(xy - 2).max(), np.abs(xy - 9).max()) < 0.01, xy
+
+
+def test_refinement_lands_on_the_fine_cell_that_matches():
+  """Identical images whose fine descriptors are near-orthogonal per cell: keypoints at fine-cell centres,
+  coarse matches off by up to one coarse cell (8 px = 2 fine cells). The refinement returns the keypoints;
+  through predict_keypoints too, after an identity coarse volume."""
+  fine_grid, size = grids.resnet(4), 64
+  fine = jax.random.normal(jax.random.key(1), (1, 16, 16, 256))
+  fine = fine / jnp.linalg.norm(fine, axis=-1, keepdims=True)
+  rng = np.random.default_rng(0)
+  kps = fine_grid.centres(16)[rng.integers(1, 15, (1, 20, 2))]  # [1, 20, 2] at fine-cell centres
+  centres = kps + rng.uniform(-8, 8, kps.shape)
+  valid = np.ones((1, 20), bool)
+  refined = kbcnet.refine_keypoints(fine, fine, kps, centres, valid, size, grid=fine_grid, radius=3, beta=0.01)
+  np.testing.assert_allclose(refined, kps, atol=1e-3)
+  eye = jnp.eye(64).reshape(1, 64, 8, 8)
+  out = {'scores': eye, 'fine': jnp.concatenate([fine, fine])}
+  pred = kbcnet.predict_keypoints(out, kps, valid, size, grid=grids.resnet(8), beta=0.01,
+                                  refine=dict(grid=fine_grid, radius=3, beta=0.01))
+  np.testing.assert_allclose(pred, kps, atol=1e-3)
+
+
+def test_the_refinement_stage_reads_the_finest_feature_map():
+  """refine_dim > 0: the model also returns unit descriptors on the first hyperpixel's (stride 4) grid."""
+  model = _model(refine_dim=8, hyperpixels='1,2,3,4')
+  image = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8)
+  variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
+  out = jax.eval_shape(model.apply, variables, image, image)
+  assert out['scores'].shape == (2, 64, 8, 8) and out['fine'].shape == (4, 16, 16, 8)

@@ -75,14 +75,20 @@ def decoder_fields(model_config) -> dict:
 
 def from_config(model_config) -> 'KBCNet':
   """config.model -> KBCNet (the transfer and initialisation fields are read by the train step)."""
-  return KBCNet(**trunk_fields(model_config), **decoder_fields(model_config),
-                decoder_chunk_rows=model_config.decoder_chunk_rows,
-                num_parts=model_config.get('num_parts', 0) if model_config.get('part_loss_weight') else 0)
+  c = model_config
+  return KBCNet(**trunk_fields(c), **decoder_fields(c), decoder_chunk_rows=c.decoder_chunk_rows,
+                num_parts=c.get('num_parts', 0) if c.get('part_loss_weight') else 0,
+                refine_dim=c.get('refine_dim', 0))
 
 
 def feature_grid(model_config) -> grids.Grid:
   """Where the cells of the score volume sit in the input image."""
   return backbone_module(model_config).feature_grid(model_config)
+
+
+def fine_grid(model_config) -> grids.Grid:
+  """Where the cells of the refinement's map (the backbone's first feature map) sit."""
+  return backbone_module(model_config).from_config(model_config).grids()[0]
 
 
 class CSFA(nn.Module):
@@ -125,13 +131,16 @@ class KBCNet(nn.Module):
   decoder_groups: int = 4
   decoder_chunk_rows: int = 0
   num_parts: int = 0
+  refine_dim: int = 0
   dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, source, target):
     dtype = jnp.dtype(self.dtype)
     b = source.shape[0]
-    tokens = encode(self, source, target)  # [2B, H, W, S, dim]
+    tokens = encode(self, source, target, self.refine_dim)  # [2B, H, W, S, dim]
+    if self.refine_dim:
+      tokens, fine = tokens
     if self.num_parts:  # read by train_loss (apply(..., mutable='intermediates')), ignored otherwise
       self.sow('intermediates', 'part_logits', part_logits(tokens, self.num_parts))
     hw = tokens.shape[1:3]
@@ -159,7 +168,8 @@ class KBCNet(nn.Module):
       heads = {name: nn.Dense(1, dtype=d, kernel_init=inits[name], name=name)
                for name, d in head_dtypes.items()}
       out = scores(decoder(corr), corr, **heads)
-    return out.reshape(b, hw[0] * hw[1], *hw)
+    out = out.reshape(b, hw[0] * hw[1], *hw)
+    return {'scores': out, 'fine': fine} if self.refine_dim else out
 
 
 def part_logits(tokens, num_parts: int):
@@ -180,17 +190,22 @@ def score_volume(decoded, corr, refine_head, corr_head, stride_dims: str):
   return corr_head(corr)[..., 0] + refine
 
 
-def encode(model, source, target):
+def encode(model, source, target, fine_dim: int = 0):
   """The trunk that KBCNet and the dual-path model share, called inside `model`'s compact __call__
   (its submodules 'backbone' and 'csfa' belong to `model`): (source, target) uint8 [B, S, S, 3] -> CSFA
   tokens [2B, H, W, feature maps, csfa_dim] on model.grid (H = W = ceil(S / stride)), source images
-  first."""
+  first; with `fine_dim`, also unit-length descriptors [2B, h, w, fine_dim] of the first (finest) feature
+  map, on its own grid (for `refine_keypoints`)."""
   dtype = jnp.dtype(model.dtype)
   images = resnet.normalize_images(jnp.concatenate([source, target]), dtype)  # [2B, S, S, 3]
   maps = model.backbone.features(images)
   hw = (-(-source.shape[1] // int(model.grid.stride)),) * 2
-  return CSFA(model.csfa_dim, model.csfa_heads, dtype=dtype, name='csfa')(
+  tokens = CSFA(model.csfa_dim, model.csfa_heads, dtype=dtype, name='csfa')(
       maps, model.backbone.grids(), model.grid, hw)
+  if not fine_dim:
+    return tokens
+  fine = nn.Dense(fine_dim, name='fine_proj')(maps[0]).astype(jnp.float32)
+  return tokens, correlation.l2_normalize(fine, 1e-6, eps_inside_sqrt=True)
 
 
 def correlate_tokens(src, trg):
@@ -219,17 +234,24 @@ def _volume(scores):
 
 
 def transfer_kwargs(model_config) -> dict:
-  """The config.model fields of `predict_keypoints`, and the model's feature grid."""
-  return dict(grid=feature_grid(model_config), transfer=model_config.transfer, beta=model_config.beta,
-              sigma=model_config.sigma)
+  """The config.model fields of `predict_keypoints`, and the model's feature grids."""
+  c = model_config
+  kwargs = dict(grid=feature_grid(c), transfer=c.transfer, beta=c.beta, sigma=c.sigma)
+  if c.get('refine_dim'):
+    kwargs.update(refine=dict(grid=fine_grid(c), radius=c.refine_radius, beta=c.refine_beta))
+  return kwargs
 
 
-def predict_keypoints(scores, kps, valid, image_size: int, *, grid: grids.Grid, transfer: str = 'soft_argmax',
-                      beta: float = 0.02, sigma: float = 5.):
-  """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through scores
-  [B, Ha*Wa, Hb, Wb] on `grid` to target pixels [B, N, 2] (invalid ones unchanged). `transfer` is
-  'soft_argmax' (softmax over the target dims at temperature beta) or 'kernel_soft_argmax' (CHM's, on
-  scores / beta, Gaussian sigma in cells). Predictions lie inside the image."""
+def predict_keypoints(out, kps, valid, image_size: int, *, grid: grids.Grid, transfer: str = 'soft_argmax',
+                      beta: float = 0.02, sigma: float = 5., refine: dict | None = None):
+  """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through the
+  model's output (scores [B, Ha*Wa, Hb, Wb] on `grid`, or {'scores', 'fine'}) to target pixels [B, N, 2]
+  (invalid ones unchanged). `transfer` is 'soft_argmax' (softmax over the target dims at temperature
+  beta), 'kernel_soft_argmax' (CHM's, on scores / beta, Gaussian sigma in cells) or 'local_soft_argmax'
+  (the softmax times a Gaussian around its mode: shift-invariant, unlike CHM's); with `refine`
+  (transfer_kwargs) and fine descriptors, each prediction is then refined locally (`refine_keypoints`).
+  Predictions lie inside the image."""
+  scores = out['scores'] if isinstance(out, dict) else out
   vol = _volume(scores)  # [B, Ha, Wa, Hb, Wb]
   hb, wb = vol.shape[3:]
   positions = (grid.centres(hb), grid.centres(wb))  # the target cells' pixel centres
@@ -237,11 +259,41 @@ def predict_keypoints(scores, kps, valid, image_size: int, *, grid: grids.Grid, 
     coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, positions)
   elif transfer == 'kernel_soft_argmax':
     coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, positions)
+  elif transfer == 'local_soft_argmax':
+    coords = soft_argmax.local_soft_argmax(vol, beta, sigma, positions)
   else:
-    raise ValueError(f'unknown transfer {transfer!r}; expected soft_argmax or kernel_soft_argmax')
+    raise ValueError(f'unknown transfer {transfer!r}; expected soft_argmax, kernel_soft_argmax or '
+                     'local_soft_argmax')
   pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)  # read at each keypoint
   pred = jnp.clip(pred, 0, image_size)  # the read-out extrapolates past the outer cells; stay in the image
+  if refine and isinstance(out, dict) and 'fine' in out:
+    b = kps.shape[0]
+    pred = refine_keypoints(out['fine'][:b], out['fine'][b:], kps, pred, valid, image_size, **refine)
   return jnp.where(valid[..., None], pred, kps)  # invalid keypoints: unchanged
+
+
+def refine_keypoints(fine_src, fine_trg, kps, centres, valid, image_size: int, *, grid: grids.Grid,
+                     radius: float, beta: float):
+  """Sub-cell refinement: each source keypoint's fine descriptor (read at the keypoint) against every
+  target descriptor, softmax(cosine / beta) times a Gaussian window (sigma `radius` fine cells) around its
+  coarse match `centres` [B, N, 2]; the prediction is the expected position. fine_* [B, h, w, F] on `grid`
+  -> [B, N, 2] pixels, inside the image. One matmul per pair: no gathers, which are slow on CPUs."""
+  desc = soft_argmax.interpolate_at_cells(fine_src, grid.to_cells(kps), valid)  # [B, N, F]
+  cosine = jnp.einsum('bnf,bhwf->bnhw', desc, fine_trg)  # [B, N, h, w]
+  return _windowed_expectation(cosine, centres, grid, radius, beta, image_size)
+
+
+def _windowed_expectation(cosine, centres, grid: grids.Grid, radius: float, beta: float, image_size: int):
+  """cosine [..., h, w] on `grid`, centres [..., 2] pixels -> the expected position [..., 2] under
+  softmax(cosine / beta - d^2 / (2 radius^2)), d the distance to the centre in cells."""
+  h, w = cosine.shape[-2:]
+  ys, xs = grid.centres(h), grid.centres(w)
+  u = grid.to_cells(centres)  # [..., 2] (x, y)
+  d2 = ((jnp.arange(w) - u[..., :1, None])**2)[..., None, :] + ((jnp.arange(h) - u[..., 1:, None])**2)[..., :, None]
+  logits = cosine / beta - d2[..., 0, :, :] / (2 * radius**2)
+  p = jax.nn.softmax(logits.reshape(*logits.shape[:-2], h * w), -1).reshape(logits.shape)
+  pred = jnp.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], -1)
+  return jnp.clip(pred, 0, image_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,9 +318,12 @@ def train_loss(apply, batch, config):
   m = config.model
   size, grid = config.input.image_size, feature_grid(m)
   src, trg = batch['source'], batch['target']
-  scores, parts = apply_with_parts(apply, batch, config)
+  out, parts = apply_with_parts(apply, batch, config)
+  scores = out['scores'] if isinstance(out, dict) else out
   src_points, src_valid = training_points(src)  # [B, I, N, 2], [B, I, N]
   trg_points, trg_valid = training_points(trg)  # [B, J, N, 2], [B, J, N]
+  if isinstance(out, dict):  # the refinement stage
+    parts['refine_loss'] = refine_loss(out['fine'], src_points, src_valid, trg_points, trg_valid, size, m)
 
   def one_instance(points, points_valid):  # [B, N, 2], [B, N] -> per-pair EPE, cross-entropy, any valid [B]
     valid = points_valid[:, None] & trg_valid
@@ -285,8 +340,33 @@ def train_loss(apply, batch, config):
   per_pair = lambda x: (x.sum(1) / jnp.maximum(has_any.sum(1), 1)).mean()  # a pair without any adds 0
   transfer, match = per_pair(err), per_pair(nll)
   loss = m.transfer_loss_weight * transfer + m.match_loss_weight * match
-  return loss + m.get('part_loss_weight', 0.) * parts.get('part_loss', 0.), {
-      'transfer_loss': transfer, 'match_loss': match, **parts}
+  loss += m.get('part_loss_weight', 0.) * parts.get('part_loss', 0.)
+  loss += m.get('refine_loss_weight', 0.) * parts.get('refine_loss', 0.)
+  return loss, {'transfer_loss': transfer, 'match_loss': match, **parts}
+
+
+def refine_loss(fine, src_points, src_valid, trg_points, trg_valid, image_size: int, model_config):
+  """The refinement's error (in image sides) when its window is centred near the truth: for every source
+  point and every target instance holding it, the window's centre is the true position shifted by up to
+  one coarse cell (a fixed spread of shifts over the point slots), as a coarse match would miss it."""
+  m = model_config
+  b, n = src_points.shape[0], src_points.shape[2]
+  # Shifts of up to one coarse cell in both axes, spread over the slots (a golden-ratio sequence).
+  phase = jnp.arange(n, dtype=jnp.float32)[:, None] * jnp.array([0.618034, 0.754878])
+  shift = (2 * (phase % 1.) - 1) * feature_grid(m).stride  # [N, 2]
+  grid = fine_grid(m)
+
+  def one(points, valid):  # one source instance [B, N, 2] against every target instance -> sum, count
+    desc = soft_argmax.interpolate_at_cells(fine[:b], grid.to_cells(points), valid)  # [B, N, F]
+    cosine = jnp.einsum('bnf,bhwf->bnhw', desc, fine[b:])  # [B, N, h, w]
+    both = valid[:, None] & trg_valid  # [B, J, N]
+    pred = _windowed_expectation(cosine[:, None], trg_points + shift, grid, m.refine_radius, m.refine_beta,
+                                 image_size)  # [B, J, N, 2]
+    err = jnp.linalg.norm(pred - trg_points, axis=-1) / image_size
+    return (err * both).sum(), both.sum()
+
+  total, count = jax.vmap(one, in_axes=(1, 1))(src_points, src_valid)
+  return total.sum() / jnp.maximum(count.sum(), 1)
 
 
 def apply_with_parts(apply, batch, config):

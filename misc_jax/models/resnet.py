@@ -30,8 +30,15 @@ _CATS_RESNET101 = (0, 8, 20, 21, 26, 28, 29, 30)
 
 
 def hyperpixel_ids(hyperpixels, stage_sizes: Sequence[int]) -> tuple[int, ...]:
-  """A name of HYPERPIXELS or a sequence of DHPF indices -> the indices, checked against the network."""
+  """A name of HYPERPIXELS or DHPF indices (a sequence, or a string '1,2,3,4' as a config field takes them)
+  -> the indices, checked against the network."""
   first = np.cumsum((1,) + tuple(stage_sizes))  # index of each stage's first block: layer1 at 1
+  if isinstance(hyperpixels, str) and hyperpixels not in HYPERPIXELS:
+    try:
+      hyperpixels = tuple(int(i) for i in hyperpixels.split(','))
+    except ValueError:
+      raise ValueError(f'hyperpixels {hyperpixels!r}: expected one of {HYPERPIXELS} or indices such as '
+                       '"1,2,3,4"') from None
   if hyperpixels == 'last':
     ids = tuple(int(i) - 1 for i in first[2:])
   elif hyperpixels == 'hsnet':
@@ -40,8 +47,6 @@ def hyperpixel_ids(hyperpixels, stage_sizes: Sequence[int]) -> tuple[int, ...]:
     if tuple(stage_sizes) != STAGE_SIZES['resnet101']:
       raise ValueError("hyperpixels 'cats' is CATs' set for ResNet-101; give indices for other networks")
     ids = _CATS_RESNET101
-  elif isinstance(hyperpixels, str):
-    raise ValueError(f'hyperpixels {hyperpixels!r}: expected one of {HYPERPIXELS} or a list of indices')
   else:
     ids = tuple(int(i) for i in hyperpixels)
   if not ids or min(ids) < 0 or max(ids) >= first[-1]:

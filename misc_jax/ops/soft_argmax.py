@@ -60,6 +60,24 @@ def kernel_soft_argmax(corr, sigma: float = 17., positions=None):
   return coords.reshape(b, ha, wa, 2)
 
 
+def local_soft_argmax(corr, beta: float, sigma: float, positions=None):
+  """For every source cell, the expected target position under softmax(corr / beta) times a Gaussian
+  (sigma in cells) around the argmax: the mass of one mode, where several instances each hold one. Unlike
+  CHM's kernel (which multiplies the raw scores, so that it favours far cells wherever the scores are
+  negative) it is unchanged by adding a constant to the scores, as the softmax and the training loss are.
+
+  corr [B, Ha, Wa, Hb, Wb] -> [B, Ha, Wa, 2] target (x, y) in the units of `positions`.
+  """
+  b, ha, wa, hb, wb = corr.shape
+  logits = corr.reshape(b, ha * wa, hb * wb) / beta  # [B, Sa, Sb]
+  best = jnp.argmax(logits, axis=2)  # [B, Sa]
+  ty, tx = jnp.divmod(jnp.arange(hb * wb), wb)
+  dist2 = (tx - (best % wb)[..., None])**2 + (ty - (best // wb)[..., None])**2  # [B, Sa, Sb]
+  prob = jax.nn.softmax(logits - dist2 / (2 * sigma**2), axis=2)
+  coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, positions))
+  return coords.reshape(b, ha, wa, 2)
+
+
 def _half_size_xy(image_hw):
   return jnp.array([image_hw[1], image_hw[0]], jnp.float32) / 2
 
