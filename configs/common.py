@@ -57,9 +57,10 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
   config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of source rows, bounded memory
   config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
-  config.model.transfer = 'soft_argmax'  # or 'kernel_soft_argmax'; KBCNet's loss keeps soft_argmax
+  # or 'kernel_soft_argmax' (CHM's) or 'local_soft_argmax' (around the best score); the loss keeps soft_argmax
+  config.model.transfer = 'soft_argmax'
   config.model.beta = 0.02            # softmax temperature of the transfer
-  config.model.sigma = 5.0            # Gaussian of kernel_soft_argmax, in feature cells
+  config.model.sigma = 5.0            # Gaussian of the kernel and local soft-argmax, in feature cells
   config.model.match_loss_weight = 0.1  # cross-entropy on the true target cells (kbcnet.train_loss)
   config.model.match_targets = 'nearest'  # those cells: 'nearest', or 'bilinear' (sub-cell targets)
   config.model.transfer_loss_weight = 1.0  # the soft-argmax prediction's distance to the truth
