@@ -275,24 +275,18 @@ def predict_keypoints(out, kps, valid, image_size: int, *, grid: grids.Grid, tra
 def refine_keypoints(fine_src, fine_trg, kps, centres, valid, image_size: int, *, grid: grids.Grid,
                      radius: float, beta: float):
   """Sub-cell refinement: each source keypoint's fine descriptor (read at the keypoint) against every
-  target descriptor, softmax(cosine / beta) times a Gaussian window (sigma `radius` fine cells) around its
-  coarse match `centres` [B, N, 2]; the prediction is the expected position. fine_* [B, h, w, F] on `grid`
-  -> [B, N, 2] pixels, inside the image. One matmul per pair: no gathers, which are slow on CPUs."""
+  target descriptor; the prediction is the expected position under softmax(cosine / beta - d^2 / (2
+  radius^2)), d the distance in fine cells to its coarse match `centres` [B, N, 2] (a Gaussian window).
+  fine_* [B, h, w, F] on `grid` -> [B, N, 2] pixels, inside the image. One matmul per pair: no gathers,
+  which are slow on CPUs."""
   desc = soft_argmax.interpolate_at_cells(fine_src, grid.to_cells(kps), valid)  # [B, N, F]
   cosine = jnp.einsum('bnf,bhwf->bnhw', desc, fine_trg)  # [B, N, h, w]
-  return _windowed_expectation(cosine, centres, grid, radius, beta, image_size)
-
-
-def _windowed_expectation(cosine, centres, grid: grids.Grid, radius: float, beta: float, image_size: int):
-  """cosine [..., h, w] on `grid`, centres [..., 2] pixels -> the expected position [..., 2] under
-  softmax(cosine / beta - d^2 / (2 radius^2)), d the distance to the centre in cells."""
   h, w = cosine.shape[-2:]
-  ys, xs = grid.centres(h), grid.centres(w)
-  u = grid.to_cells(centres)  # [..., 2] (x, y)
-  d2 = ((jnp.arange(w) - u[..., :1, None])**2)[..., None, :] + ((jnp.arange(h) - u[..., 1:, None])**2)[..., :, None]
-  logits = cosine / beta - d2[..., 0, :, :] / (2 * radius**2)
+  u = grid.to_cells(centres)  # [B, N, 2] (x, y)
+  d2 = (jnp.arange(w) - u[..., 0, None])[..., None, :]**2 + (jnp.arange(h) - u[..., 1, None])[..., :, None]**2
+  logits = cosine / beta - d2 / (2 * radius**2)
   p = jax.nn.softmax(logits.reshape(*logits.shape[:-2], h * w), -1).reshape(logits.shape)
-  pred = jnp.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], -1)
+  pred = jnp.stack([(p.sum(-2) * grid.centres(w)).sum(-1), (p.sum(-1) * grid.centres(h)).sum(-1)], -1)
   return jnp.clip(pred, 0, image_size)
 
 
@@ -357,11 +351,10 @@ def refine_loss(fine, src_points, src_valid, trg_points, trg_valid, image_size: 
   grid = fine_grid(m)
 
   def one(points, valid):  # one source instance [B, N, 2] against every target instance -> sum, count
-    desc = soft_argmax.interpolate_at_cells(fine[:b], grid.to_cells(points), valid)  # [B, N, F]
-    cosine = jnp.einsum('bnf,bhwf->bnhw', desc, fine[b:])  # [B, N, h, w]
+    refine = lambda centres: refine_keypoints(fine[:b], fine[b:], points, centres, valid, image_size,
+                                              grid=grid, radius=m.refine_radius, beta=m.refine_beta)
+    pred = jax.vmap(refine, in_axes=1, out_axes=1)(trg_points + shift)  # [B, J, N, 2]
     both = valid[:, None] & trg_valid  # [B, J, N]
-    pred = _windowed_expectation(cosine[:, None], trg_points + shift, grid, m.refine_radius, m.refine_beta,
-                                 image_size)  # [B, J, N, 2]
     err = jnp.linalg.norm(pred - trg_points, axis=-1) / image_size
     return (err * both).sum(), both.sum()
 

@@ -50,11 +50,7 @@ def kernel_soft_argmax(corr, sigma: float = 17., positions=None):
   """
   b, ha, wa, hb, wb = corr.shape
   scores = corr.reshape(b, ha * wa, hb * wb)  # [B, Sa, Sb]
-  best = jnp.argmax(scores, axis=2)  # [B, Sa]
-  cy, cx = best // wb, best % wb
-  ty, tx = jnp.divmod(jnp.arange(hb * wb), wb)
-  dist2 = (tx - cx[..., None])**2 + (ty - cy[..., None])**2  # [B, Sa, Sb]
-  gauss = jnp.exp(-dist2 / (2 * sigma**2))
+  gauss = jnp.exp(-_squared_distance_to_argmax(scores, wb) / (2 * sigma**2))
   prob = jax.nn.softmax(gauss * scores, axis=2)
   coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, positions))
   return coords.reshape(b, ha, wa, 2)
@@ -70,12 +66,17 @@ def local_soft_argmax(corr, beta: float, sigma: float, positions=None):
   """
   b, ha, wa, hb, wb = corr.shape
   logits = corr.reshape(b, ha * wa, hb * wb) / beta  # [B, Sa, Sb]
-  best = jnp.argmax(logits, axis=2)  # [B, Sa]
-  ty, tx = jnp.divmod(jnp.arange(hb * wb), wb)
-  dist2 = (tx - (best % wb)[..., None])**2 + (ty - (best // wb)[..., None])**2  # [B, Sa, Sb]
-  prob = jax.nn.softmax(logits - dist2 / (2 * sigma**2), axis=2)
+  prob = jax.nn.softmax(logits - _squared_distance_to_argmax(logits, wb) / (2 * sigma**2), axis=2)
   coords = jnp.einsum('bst,td->bsd', prob, _grid(hb, wb, positions))
   return coords.reshape(b, ha, wa, 2)
+
+
+def _squared_distance_to_argmax(scores, wb: int):
+  """scores [B, Sa, Sb] over target cells in rows of wb -> [B, Sa, Sb] squared distances (in cells) of
+  every target cell to the best-scoring one of its row."""
+  best = jnp.argmax(scores, axis=2)  # [B, Sa]
+  ty, tx = jnp.divmod(jnp.arange(scores.shape[2]), wb)
+  return (tx - (best % wb)[..., None])**2 + (ty - (best // wb)[..., None])**2
 
 
 def _half_size_xy(image_hw):

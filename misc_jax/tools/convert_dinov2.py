@@ -13,9 +13,6 @@ from typing import Sequence
 
 from absl import app
 from absl import logging
-from etils import epath
-import flax
-import numpy as np
 
 from misc_jax.models import dinov2
 from misc_jax.tools import convert_resnet
@@ -41,11 +38,8 @@ def convert(in_path: str, out_path: str) -> dict:
     variables = dinov2.official_to_flax(state, name)
   except ValueError as e:
     raise ValueError(f'{in_path}: {e}') from None
-  out = epath.Path(out_path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_bytes(flax.serialization.msgpack_serialize(variables))
-  num = sum(np.size(v) for v in flax.traverse_util.flatten_dict(variables['params']).values())
-  logging.info('Wrote %s: DINOv2 %s, %d parameters (config: --config.model.dinov2=%s).', out, name, num,
+  num = convert_resnet.write(variables, out_path)
+  logging.info('Wrote %s: DINOv2 %s, %d parameters (config: --config.model.dinov2=%s).', out_path, name, num,
                name)
   return variables
 

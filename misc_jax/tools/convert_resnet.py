@@ -48,12 +48,17 @@ def convert(in_path: str, out_path: str) -> dict:
                      f'layer1.0.conv1.weight among {len(state)} keys, e.g. {list(state)[:3]})')
   variables = resnet.torchvision_to_flax(state)
   variables['params'].pop('fc', None)
+  num = write(variables, out_path)
+  logging.info('Wrote %s: %d backbone parameters.', out_path, num)
+  return variables
+
+
+def write(variables: dict, out_path: str) -> int:
+  """Writes converted {'params', ...} as msgpack (folders created); returns the number of parameters."""
   out = epath.Path(out_path)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(flax.serialization.msgpack_serialize(variables))
-  num = sum(v.size for v in flax.traverse_util.flatten_dict(variables['params']).values())
-  logging.info('Wrote %s: %d backbone parameters.', out, num)
-  return variables
+  return sum(np.size(v) for v in flax.traverse_util.flatten_dict(variables['params']).values())
 
 
 def main(argv: Sequence[str]) -> None:
