@@ -14,7 +14,13 @@ trains the richer loss for 12,000 steps (validation PCK@0.1 16.6% at its best st
 it overfits the 2,000 training pairs).
 """
 
+import os
+
 from configs import common
+import misc_jax
+
+# The trunk (backbone + CSFA) that `:pretrain` trained, with its provenance (misc_jax.tools.export_trunk).
+PRETRAINED_TRUNK = os.path.join(os.path.dirname(misc_jax.__file__), 'assets', 'synthetic_trunk.msgpack')
 
 
 def get_config(arg: str | None = None):
@@ -38,7 +44,10 @@ def get_config(arg: str | None = None):
   config.model.transfer = 'local_soft_argmax'
   config.model.sigma = 1.5
 
-  if arg == 'long':  # the recipe of the long run in docs/training.md: 12,000 steps, about 75 min on 2 cores
+  if arg in (None, ''):  # the demo fine-tunes the shipped trunk; its decoder and heads start fresh
+    config.model.trunk_init = PRETRAINED_TRUNK
+
+  if arg in ('long', 'pretrain'):  # the long run of docs/training.md: 12,000 steps, about 75 min on 2 cores
     config.total_steps = 12000
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
@@ -48,6 +57,9 @@ def get_config(arg: str | None = None):
     config.model.match_loss_weight = 1.0
     config.model.part_loss_weight = 1.0
     config.model.num_parts = 5 * (12 + 49)  # categories x point slots
+  if arg == 'pretrain':  # the long recipe on 10x the training pairs (it overfits 2,000): the shipped trunk
+    config.dataset.name = 'synthetic_misc/large'
+    config.total_steps = 8000
 
   if arg == 'smoke':
     config.dataset.name = 'synthetic_misc/tiny'
@@ -60,6 +72,7 @@ def get_config(arg: str | None = None):
     config.input.max_instances = 3
     config.input.shuffle_buffer = 8
     config.optim.warmup_steps = 2
-  elif arg not in (None, '', 'long'):
-    raise ValueError(f'unknown config argument {arg!r}; expected "smoke", "long" or nothing')
+  elif arg not in (None, '', 'scratch', 'long', 'pretrain'):
+    raise ValueError(f'unknown config argument {arg!r}; expected "smoke", "scratch", "long", "pretrain" '
+                     'or nothing')
   return config

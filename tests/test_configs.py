@@ -8,7 +8,7 @@ import pytest
 
 from misc_jax import train
 
-CONFIGS = ['synthetic', 'synthetic:long', 'kbcnet_spair', 'kbcnet_pfpascal', 'kbcnet_pfwillow', 'misc210k_dualpath',
+CONFIGS = ['synthetic', 'synthetic:long', 'synthetic:pretrain', 'synthetic:scratch', 'kbcnet_spair', 'kbcnet_pfpascal', 'kbcnet_pfwillow', 'misc210k_dualpath',
            'kbcnet_dinov2_spair', 'dinov2_zero_shot:spair71k', 'misc210k_dualpath:dinov2']
 
 

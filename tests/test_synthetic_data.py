@@ -30,6 +30,17 @@ def test_generation_is_deterministic():
       synthetic.make_pair(config, 'train', 8))
 
 
+def test_large_extends_default_pair_for_pair():
+  # Pretraining on `large` and evaluating on `default` is fair only if they share validation and test.
+  large, default = CONFIGS['large'], CONFIGS['default']
+  assert large.num_pairs['train'] > default.num_pairs['train']
+  for split in ('validation', 'test'):
+    assert large.num_pairs[split] == default.num_pairs[split]
+  for split, index in (('train', 1999), ('validation', 0), ('test', 199)):
+    assert _digest(synthetic.make_pair(large, split, index)) == _digest(
+        synthetic.make_pair(default, split, index))
+
+
 def test_two_builds_write_identical_records(tiny_data_dir, tmp_path):
   build.build('synthetic_misc/tiny', str(tmp_path))
   for split in ('train', 'test'):

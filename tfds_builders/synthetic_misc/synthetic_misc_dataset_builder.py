@@ -44,6 +44,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           name='default', description='256 px pairs, objects from 12% to 60% of the image side.',
           num_pairs={'train': 2000, 'validation': 200, 'test': 200}),
       SyntheticConfig(
+          name='large',
+          description="default's generator and seed with 20,000 training pairs: its first 2,000 training "
+                      "pairs and its validation and test splits are default's, pair for pair.",
+          num_pairs={'train': 20000, 'validation': 200, 'test': 200}),
+      SyntheticConfig(
           name='small_objects',
           description='Objects from 6% to 20% of the image side (each under ~4% of the image area).',
           num_pairs={'train': 1000, 'validation': 200, 'test': 400}, extent_range=(0.06, 0.2),
