@@ -164,3 +164,25 @@ def test_each_ablation_switch_changes_the_model(switch):
     assert not np.allclose(full, jax.jit(ablated.apply)(params, source, target)['scores'])
   else:
     assert count(ablated) < count(model)
+
+
+def test_without_coseg_the_loss_is_kbcnets_with_the_part_term_once(smoke_config):
+  config = misc210k_dualpath.get_config('smoke')
+  config.dataset.data_dir = smoke_config.dataset.data_dir
+  config.model.coseg = False
+  config.model.num_parts = 5 * config.input.max_keypoints
+  config.input.augment.photometric = False
+  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
+
+  def loss_and_terms(part_weight):
+    config.model.part_loss_weight = part_weight
+    _, model = train.create_model(config)  # with a part head only when the weight is > 0
+    image = batch['source']['image']
+    variables = model.init(jax.random.key(0), image, image)
+    apply = functools.partial(model.apply, variables)
+    return dual_path.train_loss(apply, batch, config)
+
+  with_parts, terms = loss_and_terms(1.0)
+  without, _ = loss_and_terms(0.0)  # the model has no part head then: the same other parameters
+  assert terms['part_loss'] > 0
+  np.testing.assert_allclose(with_parts - without, terms['part_loss'], rtol=1e-5)

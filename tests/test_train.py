@@ -206,6 +206,28 @@ def test_init_from_takes_the_checkpoint_the_config_names(reference, smoke_config
     train.initial_state(config, train.create_model(config)[1])
 
 
+def test_an_exported_trunk_starts_a_model_whose_decoder_and_heads_are_fresh(reference, smoke_config,
+                                                                          tmp_path):
+  from misc_jax.tools import export_trunk  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'trunk.msgpack'
+  export_trunk.export(str(reference[0]), str(path))
+  provenance = json.loads(train.load_trunk(str(path))['provenance'])
+  assert provenance['step'] == STEPS and provenance['wall_time_s'] > 0
+  assert json.loads(provenance['config'])['dataset']['name'] == 'synthetic_misc/tiny'
+  config = _configure(smoke_config, **{'model.trunk_init': str(path)})
+  params = train.initial_state(config, train.create_model(config)[1]).params
+  fresh = train.initial_state(smoke_config, train.create_model(smoke_config)[1]).params
+  trained = _params(reference[0])
+  for module in train.TRUNK:
+    jax.tree.map(np.testing.assert_array_equal, params[module], trained[module])
+  jax.tree.map(np.testing.assert_array_equal, params['decoder'], fresh['decoder'])
+  assert any(not np.array_equal(a, b)  # training moved the decoder, so the check above can fail
+             for a, b in zip(jax.tree.leaves(trained['decoder']), jax.tree.leaves(fresh['decoder'])))
+  other = _configure(smoke_config, **{'model.trunk_init': str(path), 'model.csfa_dim': 16})
+  with pytest.raises(ValueError, match=f'{path}: params of the csfa do not fit the model'):
+    train.initial_state(other, train.create_model(other)[1])
+
+
 def test_several_steps_per_dispatch_give_the_parameters_of_single_steps(reference, smoke_config, tmp_path):
   """Resumed from the reference run's step 4 with two steps per call: steps 5 and 6 in one dispatch end
   where the reference's single steps did (8 devices)."""

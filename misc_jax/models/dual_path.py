@@ -278,8 +278,7 @@ def train_loss(apply, batch, config):
   out, parts = kbcnet.apply_with_parts(apply, batch, config)
   scores = out['scores']
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
-    loss, terms = kbcnet.train_loss(lambda *_: scores, batch, _without_parts(config))
-    return loss + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.), {**terms, **parts}
+    return kbcnet.output_loss(scores, parts, batch, config)
   grid = scores.shape[-1]
   mask_terms, matches = [], []
   for s, name in enumerate(('source', 'target')):
@@ -299,9 +298,3 @@ def train_loss(apply, batch, config):
           + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.))
   return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks, **parts}
 
-
-def _without_parts(config):
-  """config whose part loss is off: KBCNet's loss, on scores already computed, adds it here instead."""
-  config = config.copy_and_resolve_references()
-  config.model.part_loss_weight = 0.
-  return config

@@ -309,10 +309,15 @@ def train_loss(apply, batch, config):
 
   `apply(source_images, target_images)` runs the model with the parameters being trained.
   """
+  return output_loss(*apply_with_parts(apply, batch, config), batch, config)
+
+
+def output_loss(out, parts, batch, config):
+  """`train_loss` of the model's output `out` on the batch, `parts` the loss terms computed with it
+  (`apply_with_parts`), added to the total as weighted by config.model."""
   m = config.model
   size, grid = config.input.image_size, feature_grid(m)
   src, trg = batch['source'], batch['target']
-  out, parts = apply_with_parts(apply, batch, config)
   scores = out['scores'] if isinstance(out, dict) else out
   src_points, src_valid = training_points(src)  # [B, I, N, 2], [B, I, N]
   trg_points, trg_valid = training_points(trg)  # [B, J, N, 2], [B, J, N]
