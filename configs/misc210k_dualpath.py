@@ -29,6 +29,7 @@ def _dual_path(config):
   config.model.positional_encoding = True  # cell positions join the mask features
   config.model.mask_loss_weight = 1.0
   config.eval.evaluator = 'misc'
+  config.kbc.eval = False  # the multi-instance evaluator has no KBC pass
   config.eval.objectness_threshold = 0.5
   config.eval.threshold = 'bbox'      # the target instance's box
   return config
@@ -38,6 +39,8 @@ def get_config(arg: str | None = None):
   if arg in ('synthetic', 'smoke'):  # KBCNet-tiny's synthetic settings (configs/synthetic.py)
     config = _dual_path(synthetic.get_config('smoke' if arg == 'smoke' else None))
     config.model.num_queries = 6
+    if arg == 'synthetic':
+      config.eval_every_steps = 600  # the demo's single evaluation is at the end (its KBC pass is off here)
     config.model.mask_dim = 32
     return config
   if arg not in (None, 'dinov2'):

@@ -78,11 +78,15 @@ def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
 def check_config(config) -> None:
   """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a global
   batch the devices do not divide, a backbone file that is missing or not a converted backbone, an
-  init_from run without checkpoints, a BatchNorm backbone that would train from random weights unasked."""
+  init_from run without checkpoints, a BatchNorm backbone that would train from random weights unasked,
+  KBC's second pass asked of an evaluator that has none."""
   devices, batch = jax.device_count(), config.batch_size
   if batch % devices:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
                      f'devices: set it to a multiple of {devices}, e.g. {devices * max(1, batch // devices)}')
+  if config.kbc.eval and config.eval.evaluator != 'pck':
+    raise ValueError(f'config.kbc.eval=True: the {config.eval.evaluator!r} evaluator has no KBC pass (only '
+                     "'pck' does); set config.kbc.eval=False")
   m = config.model
   if m.backbone_init:
     try:

@@ -88,3 +88,7 @@ def test_a_config_that_cannot_run_here_fails_at_start_naming_why():
   with pytest.raises(ValueError, match='batch_size=12 .* does not divide over the 8 devices: set it to a '
                                        'multiple of 8'):
     train.check_config(config)
+  config.batch_size = 16
+  config.eval.evaluator = 'misc'  # kbcnet_spair evaluates with KBC's second pass, which only 'pck' has
+  with pytest.raises(ValueError, match="config.kbc.eval=True: the 'misc' evaluator has no KBC pass"):
+    train.check_config(config)
