@@ -1,17 +1,19 @@
-r"""The default demo: KBCNet-tiny trained from scratch on the embedded synthetic dataset, no download.
+r"""The default demo: KBCNet-tiny fine-tuned on the embedded synthetic dataset from the shipped trunk.
 
   python -m misc_jax.main --config configs/synthetic.py --workdir runs/demo
   python -m misc_jax.main --config configs/synthetic.py:smoke --workdir /tmp/smoke   # seconds, for tests
 
-The first run builds synthetic_misc/default (about 50 s on 2 cores), then trains 1,200 steps from scratch
-(no pretrained backbone exists offline) and evaluates at steps 600 and 1,200: under 10 minutes on 2 CPU
-cores. What it reaches is in docs/training.md (measured from a fresh clone: validation PCK@0.1 (bbox)
-4.62% in 8.5 minutes, untrained 0.94%, far below the 60% we aimed for).
+The first run builds synthetic_misc/default (about 50 s on 2 cores), then trains 1,200 steps from the trunk
+in misc_jax/assets/synthetic_trunk.msgpack (decoder and heads fresh) and evaluates once, with KBC's second
+pass: 8.5 minutes on 2 CPU cores from a fresh clone, validation PCK@0.1 (bbox) 22.6%, 17.9% before the
+first step (docs/training.md; the target was 60%).
 
-  python -m misc_jax.main --config configs/synthetic.py:long --workdir runs/long   # about 75 minutes
+  python -m misc_jax.main --config configs/synthetic.py:pretrain --workdir runs/pretrain  # about 57 minutes
 
-trains the richer loss for 12,000 steps (validation PCK@0.1 16.6% at its best step; 52% on training pairs:
-it overfits the 2,000 training pairs).
+trained that trunk: the long recipe on synthetic_misc/large (20,000 training pairs) for 8,000 steps
+(validation PCK@0.1 19.1%, 20.0% on training pairs); export it with misc_jax.tools.export_trunk.
+`:scratch` is the demo from random weights (4.6%); `:long` the long recipe on the 2,000 default pairs
+for 12,000 steps (16.6% at its best step, 52% on training pairs: it overfits them).
 """
 
 import os
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None):
   config.input.max_keypoints = 12
   config.input.shuffle_buffer = 512
   config.optim.lr = 2e-3
-  config.optim.backbone_lr = 2e-3  # trained from scratch: no pretrained backbone to protect
+  config.optim.backbone_lr = 2e-3  # the heads' rate, for the shipped trunk too (a lower one is untried)
   config.optim.warmup_steps = 100
   # Several target instances answer each source keypoint: the whole-image soft-argmax averages them into a
   # point between instances, a soft-argmax around the best score keeps one (4.13% vs 2.48% PCK@0.1). The

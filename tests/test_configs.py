@@ -1,6 +1,8 @@
-"""Every experiment config resolves, serialises, and builds its model (shapes only)."""
+"""Every experiment config resolves, serialises, and builds its model (shapes only); the demo's shipped
+trunk fits the models that start from it."""
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -36,3 +38,21 @@ def test_config_builds_its_model(name):
 def test_config_docstring_opens_with_its_command(name):
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert f'--config configs/{name}.py' in doc
+
+
+def test_the_shipped_trunk_fits_the_synthetic_models_and_names_its_training():
+  trunk = train.load_trunk(_load('synthetic').model.trunk_init)
+  provenance = json.loads(trunk['provenance'])
+  pretrain = json.loads(provenance['config'])
+  assert pretrain['dataset']['name'] == 'synthetic_misc/large'
+  assert provenance['step'] == pretrain['total_steps'] and provenance['wall_time_s'] > 0
+  for name in ('synthetic', 'misc210k_dualpath:synthetic'):
+    config = _load(name)
+    assert config.model.trunk_init
+    _, model = train.create_model(config)
+    image = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.uint8)
+    variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
+    for col in ('params', 'batch_stats'):
+      for module in train.TRUNK:
+        ours = jax.tree.map(lambda x: x.shape, variables.get(col, {}).get(module, {}))
+        assert ours == jax.tree.map(lambda x: x.shape, trunk.get(col, {}).get(module, {})), (name, col, module)
