@@ -5,7 +5,8 @@ r"""The MISC dual-path model (co-segmentation + multi-instance correspondence) o
       --config.model.backbone_init=~/weights/resnet101.msgpack
   python -m misc_jax.main --config configs/misc210k_dualpath.py:synthetic --workdir runs/dualpath  # minutes
 
-`:synthetic` trains the tiny variant on synthetic_misc/default on a CPU (results in docs/misc.md);
+`:synthetic` trains the tiny variant on synthetic_misc/default on a CPU, from the KBCNet demo's shipped
+trunk (misc_jax/assets/synthetic_trunk.msgpack; results in docs/misc.md);
 `:smoke` is the test variant; `:dinov2` puts the model on frozen DINOv2 ViT-B/14 tokens at 392 px (a 28 x 28
 grid; --config.model.backbone_init=~/weights/vitb14.msgpack from misc_jax.tools.convert_dinov2).
 Ablations: --config.model.coseg=False (no co-segmentation path: KBCNet),
@@ -40,7 +41,7 @@ def get_config(arg: str | None = None):
     config = _dual_path(synthetic.get_config('smoke' if arg == 'smoke' else None))
     config.model.num_queries = 6
     if arg == 'synthetic':
-      config.eval_every_steps = 600  # the demo's single evaluation is at the end (its KBC pass is off here)
+      config.eval_every_steps = 600  # at 600 and 1,200 (the KBCNet demo evaluates once, for KBC's cost)
     config.model.mask_dim = 32
     return config
   if arg not in (None, 'dinov2'):

@@ -297,4 +297,3 @@ def train_loss(apply, batch, config):
   loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
           + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.))
   return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks, **parts}
-
