@@ -145,7 +145,7 @@ def test_unknown_names_are_refused_with_the_valid_choices(run_dir):
   from tfds_builders import build  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="unknown dataset 'spair'; the datasets are misc210k, pf_pascal"):
     build.get_builder('spair')
-  with pytest.raises(ValueError, match="synthetic_misc has no config 'huge'; its configs are default, "
+  with pytest.raises(ValueError, match="synthetic_misc has no config 'huge'; its configs are default, large, "
                                        "small_objects, tiny"):
     build.get_builder('synthetic_misc/huge')
   with pytest.raises(ValueError, match="checkpoint 'bset': expected \"latest\", \"best\" or a step number"):
