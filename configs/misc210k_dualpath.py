@@ -10,8 +10,10 @@ trunk (misc_jax/assets/synthetic_trunk.msgpack; results in docs/misc.md);
 `:smoke` is the test variant; `:dinov2` puts the model on frozen DINOv2 ViT-B/14 tokens at 392 px (a 28 x 28
 grid; --config.model.backbone_init=~/weights/vitb14.msgpack from misc_jax.tools.convert_dinov2).
 Ablations: --config.model.coseg=False (no co-segmentation path: KBCNet),
---config.model.mask_volume=False (masks do not gate the 4D volume), --config.model.corr_to_mask=False
-(correspondence evidence does not feed the masks). Not yet measured on MISC210K: no copy here.
+--config.model.mask_volume=True (masks gate the 4D volume), --config.model.corr_to_mask=False
+(correspondence evidence does not feed the masks), --config.model.transfer_on=true (the training transfer
+restricted to the true instead of the predicted masks), --config.model.objectness_cost=1.0 (objectness in
+the matching cost). Not yet measured on MISC210K: no copy here.
 """
 
 from configs import common
@@ -26,9 +28,13 @@ def _dual_path(config):
   config.model.mask_dim = 64
   config.model.coseg = True          # the co-segmentation path
   config.model.corr_to_mask = True   # correspondence evidence feeds the mask path
-  config.model.mask_volume = True    # predicted foreground gates the 4D correlation
+  # Predicted foreground gating the 4D correlation: off, it costs the correspondence half its PCK on the
+  # synthetic data (docs/misc.md).
+  config.model.mask_volume = False
   config.model.positional_encoding = True  # cell positions join the mask features
+  config.model.transfer_on = 'predicted'   # the region the training transfer is restricted to, or 'true'
   config.model.mask_loss_weight = 1.0
+  config.model.objectness_cost = 0.0  # objectness's weight in the Hungarian matching cost (masks: BCE + Dice)
   config.eval.evaluator = 'misc'
   config.kbc.eval = False  # the multi-instance evaluator has no KBC pass
   config.eval.objectness_threshold = 0.5

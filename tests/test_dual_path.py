@@ -38,6 +38,17 @@ def test_hungarian_matches_brute_force(seed):
     np.testing.assert_allclose(got, _brute_force_assignment(cost[b], valid[b]), rtol=1e-6)
 
 
+def test_objectness_cost_hands_an_instance_to_the_confident_of_two_equal_masks():
+  gt = jnp.zeros((1, 1, 4, 4)).at[0, 0, :2].set(1.)  # one instance: the top half
+  logits = jnp.stack([jnp.where(gt[0, 0] > 0, 4., -4.)] * 2)[None]  # two queries, both exactly it
+  objectness = jnp.array([[-2., 2.]])  # query 1 is the confident one
+  valid = jnp.array([[True]])
+  loss = jax.jit(dual_path.mask_loss, static_argnums=4)
+  _, by_masks = loss(logits, objectness, gt, valid, 0.)
+  _, by_both = loss(logits, objectness, gt, valid, 1.)
+  assert int(by_masks[0, 0]) == 0 and int(by_both[0, 0]) == 1  # a tie goes to the first query
+
+
 def test_mask_iou_and_instance_matching_against_numpy():
   rng = np.random.default_rng(0)
   pred, gt = rng.random((3, 9, 7)) < 0.4, rng.random((2, 9, 7)) < 0.4
@@ -102,9 +113,15 @@ def test_misc_evaluator_on_a_two_instance_pair():
   assert metrics['by_instances']['2']['num_instance_pairs'] == 2 and '1' not in metrics['by_instances']
   # Masks: source IoU 1; target a 0.5, b 1 -> mIoU over 3 truths.
   assert metrics['miou'] == pytest.approx((1 + 0.5 + 1) / 3)
-  # AP@0.5 over 3 truths: detections by score 0.9 (TP), 0.9 (TP), 0.8 (TP at IoU 0.5); the source's
-  # stray blob (0.3) is below the threshold. Precision 1 up to recall 1.
+  # AP@0.5 over 3 truths ranks every non-empty query: 0.9 (TP), 0.9 (TP), 0.8 (TP at IoU 0.5), then the
+  # source's stray blob (0.3) and target query 2 (0.2, on a, already claimed): precision 1 up to recall 1.
   assert metrics['ap50'] == pytest.approx(1.0)
+  # A threshold above 0.8 drops target query 1 from mIoU and PCK, not from AP (COCO ranks every detection).
+  config.eval.objectness_threshold = 0.85
+  strict = misc.summarize(misc.pair_records(batch, out, config), config)
+  assert strict['miou'] == pytest.approx((1 + 0 + 1) / 3)
+  assert strict['pck@0.1'] == pytest.approx((0 + 1) / 2)
+  assert strict['ap50'] == pytest.approx(1.0)
 
 
 def test_average_precision_by_hand():
@@ -153,7 +170,7 @@ def test_each_ablation_switch_changes_the_model(switch):
   config = misc210k_dualpath.get_config('smoke')
   image = jnp.zeros((1, 32, 32, 3), jnp.uint8)
   model = dual_path.from_config(config.model)
-  config.model[switch] = False
+  config.model[switch] = not config.model[switch]  # the default's other setting
   ablated = dual_path.from_config(config.model)
   count = lambda m: sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(m.init, jax.random.key(0), image, image)['params']))
@@ -186,3 +203,30 @@ def test_without_coseg_the_loss_is_kbcnets_with_the_part_term_once(smoke_config)
   without, _ = loss_and_terms(0.0)  # the model has no part head then: the same other parameters
   assert terms['part_loss'] > 0
   np.testing.assert_allclose(with_parts - without, terms['part_loss'], rtol=1e-5)
+
+
+def test_transfer_on_true_masks_frees_the_transfer_terms_from_the_predicted_masks(smoke_config):
+  config = misc210k_dualpath.get_config('smoke')
+  config.dataset.data_dir = smoke_config.dataset.data_dir
+  config.model.mask_volume = False  # so that the scores do not depend on the masks either
+  config.input.augment.photometric = False
+  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
+  _, model = train.create_model(config)
+  image = batch['source']['image']
+  variables = model.init(jax.random.key(0), image, image)
+  other = jax.tree.map(lambda x: x, variables)
+  other['params']['mask_embed']['kernel'] = -variables['params']['mask_embed']['kernel']  # other masks
+
+  def terms(transfer_on):  # the transfer terms and the mask loss, jitted (the Hungarian step needs it)
+    config.model.transfer_on = transfer_on  # read when traced
+    step = jax.jit(lambda v: dual_path.train_loss(functools.partial(model.apply, v), batch, config)[1])
+    return [(np.array([p['transfer_loss'], p['match_loss']]), p['mask_loss']) for p in map(step, (variables, other))]
+
+  (true_a, mask_a), (true_b, mask_b) = terms('true')
+  np.testing.assert_allclose(true_a, true_b, rtol=1e-6)
+  assert not np.isclose(mask_a, mask_b)
+  (pred_a, _), (pred_b, _) = terms('predicted')
+  assert not np.allclose(pred_a, pred_b, rtol=1e-4)
+  config.model.transfer_on = 'gt'
+  with pytest.raises(ValueError, match='transfer_on'):
+    dual_path.train_loss(functools.partial(model.apply, variables), batch, config)

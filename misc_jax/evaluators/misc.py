@@ -4,8 +4,9 @@ Co-segmentation, on both images of every pair: predicted instances are the queri
 exceeds `config.eval.objectness_threshold`, with masks upsampled to the input. They are matched to the
 true instances by the Hungarian algorithm on IoU;
 - `miou`: mean over true instances of the IoU with the matched prediction (0 when unmatched);
-- `ap50`: average precision of the predicted instances at IoU 0.5 (COCO-style greedy matching by
-  objectness, all-point interpolation), pooled over the split.
+- `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked by objectness as
+  COCO ranks all detections (greedy matching, all-point interpolation), pooled over the split; it does
+  not depend on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
@@ -133,14 +134,16 @@ def pair_records(batch, out, config):
         truths = side['masks'][n][side['instance_valid'][n]]
         if not side['has_masks'][n]:
           continue
-        keep = out['objectness'][s, n] > config.eval.objectness_threshold
-        preds = np.flatnonzero(keep & out['masks'][s, n].any((1, 2)))
-        iou = mask_iou(out['masks'][s, n][preds], truths)
+        nonempty = np.flatnonzero(out['masks'][s, n].any((1, 2)))
+        iou_all = mask_iou(out['masks'][s, n][nonempty], truths)
+        # AP ranks every detection by objectness, as COCO does; mIoU and PCK take the kept ones.
+        rec['scores'][n, s, nonempty] = out['objectness'][s, n, nonempty]
+        rec['tp'][n, s, nonempty] = greedy_true_positives(out['objectness'][s, n, nonempty], iou_all)
+        keep = out['objectness'][s, n, nonempty] > config.eval.objectness_threshold
+        preds, iou = nonempty[keep], iou_all[keep]
         match = match_instances(iou)
         rec['iou_sum'][n] += sum(iou[m, g] for g, m in enumerate(match) if m >= 0)
         rec['truths'][n] += len(truths)
-        rec['scores'][n, s, preds] = out['objectness'][s, n, preds]
-        rec['tp'][n, s, preds] = greedy_true_positives(out['objectness'][s, n, preds], iou)
         if s == 1:
           assigned = np.where(match >= 0, preds[np.maximum(match, 0)] if len(preds) else -1, -1)
     for i in np.flatnonzero(src['instance_valid'][n]):

@@ -25,7 +25,9 @@ Losses (weights in config.model): masks at the feature grid, predicted instances
 by the Hungarian algorithm on BCE + Dice cost (scipy on the host), BCE + Dice on matched pairs and BCE on
 objectness; keypoint transfer (EPE in image sides, plus the cross-entropy of KBCNet's `match_loss`) for
 every (true source instance, true target instance) pair, restricted to the predicted mask matched to the
-target instance, so that correspondence errors reach the mask path too.
+target instance, so that correspondence errors reach the mask path too (`transfer_on='predicted'`), or to
+the instance's true mask (`'true'`: the correspondence path learns as with the instances given, and the
+masks learn from their own loss alone).
 """
 
 import flax.linen as nn
@@ -217,14 +219,17 @@ def _mask_costs(logits, gt):
   return bce, dice
 
 
-def mask_loss(logits, objectness, gt, gt_valid):
+def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0.):
   """Hungarian-matched mask loss of one image side.
 
   logits [B, Q, H, W], objectness [B, Q], gt [B, G, H, W] (cell fractions), gt_valid [B, G] ->
-  (loss per pair [B], the query matched to each truth [B, G]).
+  (loss per pair [B], the query matched to each truth [B, G]). The matching cost is BCE + Dice, minus
+  `objectness_cost` x each query's objectness probability (DETR's class term: the confident queries take
+  the instances, so a query's objectness and its assignments agree from batch to batch).
   """
   bce, dice = _mask_costs(logits, gt)
-  match = hungarian(jax.lax.stop_gradient(bce + dice), gt_valid)
+  cost = bce + dice - objectness_cost * jax.nn.sigmoid(objectness)[..., None]
+  match = hungarian(jax.lax.stop_gradient(cost), gt_valid)
   take = lambda cost: jnp.take_along_axis(cost, jnp.maximum(match, 0)[:, None], 1)[:, 0]  # [B, G]
   count = jnp.maximum(gt_valid.sum(-1), 1)
   matched = ((take(bce) + take(dice)) * gt_valid).sum(-1) / count
@@ -275,6 +280,8 @@ def pair_losses(scores, target_masks, batch, size, model_config):
 def train_loss(apply, batch, config):
   """The dual-path training loss and its parts (see the module docstring)."""
   model_config, size = config.model, config.input.image_size
+  if model_config.coseg and model_config.transfer_on not in ('predicted', 'true'):
+    raise ValueError(f"config.model.transfer_on={model_config.transfer_on!r}: expected 'predicted' or 'true'")
   out, parts = kbcnet.apply_with_parts(apply, batch, config)
   scores = out['scores']
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
@@ -286,12 +293,16 @@ def train_loss(apply, batch, config):
     has = side['has_masks'].astype(jnp.float32)
     loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s],
                             grid_masks(side['masks'], grid, kbcnet.feature_grid(model_config)),
-                            side['instance_valid'] & side['has_masks'][:, None])
+                            side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost)
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)
-  # Each true target instance's region: the probability map of the query matched to it.
+  # Each true target instance's region: the probability map of the query matched to it, or (`transfer_on
+  # ='true'`) the instance's true mask, where the pair has masks.
   probs = jax.nn.sigmoid(out['mask_logits'][1])  # [B, Q, H, W]
   regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, H, W]
+  if model_config.transfer_on == 'true':
+    true_regions = grid_masks(batch['target']['masks'], grid, kbcnet.feature_grid(model_config))
+    regions = jnp.where(batch['target']['has_masks'][:, None, None, None], true_regions, regions)
   epe, ce = pair_losses(scores, regions, batch, size, model_config)
   masks = sum(mask_terms) / 2
   loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
