@@ -14,7 +14,6 @@ cell's true share of the instance as its probability, upsampled as the dual path
 import argparse
 import json
 
-import jax
 import numpy as np
 
 from misc_jax.models import dual_path

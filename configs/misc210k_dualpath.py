@@ -28,8 +28,8 @@ def _dual_path(config):
   config.model.mask_dim = 64
   config.model.coseg = True          # the co-segmentation path
   config.model.corr_to_mask = True   # correspondence evidence feeds the mask path
-  # Predicted foreground gating the 4D correlation: off, it costs the correspondence half its PCK on the
-  # synthetic data (docs/misc.md).
+  # Predicted foreground gating the 4D correlation: off (on, it halved the correspondence's PCK on the
+  # synthetic data: docs/misc.md).
   config.model.mask_volume = False
   config.model.positional_encoding = True  # cell positions join the mask features
   config.model.transfer_on = 'predicted'   # the region the training transfer is restricted to, or 'true'

@@ -220,7 +220,8 @@ def test_transfer_on_true_masks_frees_the_transfer_terms_from_the_predicted_mask
   def terms(transfer_on):  # the transfer terms and the mask loss, jitted (the Hungarian step needs it)
     config.model.transfer_on = transfer_on  # read when traced
     step = jax.jit(lambda v: dual_path.train_loss(functools.partial(model.apply, v), batch, config)[1])
-    return [(np.array([p['transfer_loss'], p['match_loss']]), p['mask_loss']) for p in map(step, (variables, other))]
+    return [(np.array([p['transfer_loss'], p['match_loss']]), p['mask_loss'])
+            for p in map(step, (variables, other))]
 
   (true_a, mask_a), (true_b, mask_b) = terms('true')
   np.testing.assert_allclose(true_a, true_b, rtol=1e-6)
