@@ -287,12 +287,12 @@ def train_loss(apply, batch, config):
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
     return kbcnet.output_loss(scores, parts, batch, config)
   grid = scores.shape[-1]
-  mask_terms, matches = [], []
+  mask_terms, matches, true_masks = [], [], []
   for s, name in enumerate(('source', 'target')):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
-    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s],
-                            grid_masks(side['masks'], grid, kbcnet.feature_grid(model_config)),
+    true_masks.append(grid_masks(side['masks'], grid, kbcnet.feature_grid(model_config)))  # [B, G, H, W]
+    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s], true_masks[s],
                             side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost)
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)
@@ -301,8 +301,7 @@ def train_loss(apply, batch, config):
   probs = jax.nn.sigmoid(out['mask_logits'][1])  # [B, Q, H, W]
   regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, H, W]
   if model_config.transfer_on == 'true':
-    true_regions = grid_masks(batch['target']['masks'], grid, kbcnet.feature_grid(model_config))
-    regions = jnp.where(batch['target']['has_masks'][:, None, None, None], true_regions, regions)
+    regions = jnp.where(batch['target']['has_masks'][:, None, None, None], true_masks[1], regions)
   epe, ce = pair_losses(scores, regions, batch, size, model_config)
   masks = sum(mask_terms) / 2
   loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
