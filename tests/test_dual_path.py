@@ -13,6 +13,8 @@ from misc_jax import input_pipeline
 from misc_jax import train
 from misc_jax.evaluators import misc
 from misc_jax.models import dual_path
+from misc_jax.models import kbcnet
+from misc_jax.ops import grid as grids
 
 
 def _brute_force_assignment(cost, valid):
@@ -47,6 +49,20 @@ def test_objectness_cost_hands_an_instance_to_the_confident_of_two_equal_masks()
   _, by_masks = loss(logits, objectness, gt, valid, 0.)
   _, by_both = loss(logits, objectness, gt, valid, 1.)
   assert int(by_masks[0, 0]) == 0 and int(by_both[0, 0]) == 1  # a tie goes to the first query
+
+
+def test_no_object_weight_scales_the_objectness_loss_of_unmatched_queries():
+  gt = jnp.zeros((1, 1, 4, 4)).at[0, 0, :2].set(1.)
+  logits = jnp.stack([jnp.where(gt[0, 0] > 0, 4., -4.), jnp.full((4, 4), -4.)])[None]  # query 0 is it
+  objectness = jnp.array([[0.5, -1.]])
+  valid = jnp.array([[True]])
+  loss = jax.jit(dual_path.mask_loss, static_argnums=(4, 5))
+  bce_matched, bce_unmatched = -jax.nn.log_sigmoid(0.5), -jax.nn.log_sigmoid(1.)
+  full, match = loss(logits, objectness, gt, valid, 0., 1.)
+  light, _ = loss(logits, objectness, gt, valid, 0., 0.1)
+  assert int(match[0, 0]) == 0
+  expected = lambda w: (bce_matched + w * bce_unmatched) / (1 + w)
+  np.testing.assert_allclose(full - light, expected(1.) - expected(0.1), rtol=1e-5)
 
 
 def test_mask_iou_and_instance_matching_against_numpy():
@@ -96,7 +112,8 @@ def test_misc_evaluator_on_a_two_instance_pair():
   queries = np.zeros((1, 3, 1, 3, 2), np.float32)
   queries[0, 0, 0] = [[5, 5], [6, 6], [0, 0]]
   queries[0, 1, 0] = [[1.3, 1], [2, 2.7], [0, 0]]
-  out = {'masks': masks, 'objectness': objectness, 'oracle': oracle, 'queries': queries}
+  out = {'masks': masks, 'objectness': objectness, 'oracle': oracle, 'queries': queries,
+         'detection_scores': objectness.copy()}  # AP's ranking; below, one that differs
   config = misc210k_dualpath.get_config('smoke')
   config.eval.alphas = (0.05, 0.1, 0.15)  # thresholds: 0.2, 0.4, 0.6 px (boxes are 4 px wide)
   metrics = misc.summarize(misc.pair_records(batch, out, config), config)
@@ -122,6 +139,19 @@ def test_misc_evaluator_on_a_two_instance_pair():
   assert strict['miou'] == pytest.approx((1 + 0 + 1) / 3)
   assert strict['pck@0.1'] == pytest.approx((0 + 1) / 2)
   assert strict['ap50'] == pytest.approx(1.0)
+  # AP ranks by the detection scores, not by objectness: the source's stray blob first puts one false
+  # positive before the three true ones (precision 3/4 at every recall); mIoU and PCK do not move.
+  out['detection_scores'][0, 0, 1] = 0.95
+  config.eval.objectness_threshold = 0.5
+  reranked = misc.summarize(misc.pair_records(batch, out, config), config)
+  assert reranked['ap50'] == pytest.approx(0.75)
+  assert reranked['miou'] == metrics['miou'] and reranked['pck@0.1'] == metrics['pck@0.1']
+
+
+def test_mask_score_is_the_mean_probability_inside_the_mask():
+  logits = jnp.array([[[2., -1.], [0.5, -3.]], [[-1., -2.], [-3., -4.]]])  # a mask of 2 pixels; an empty one
+  expected = (jax.nn.sigmoid(2.) + jax.nn.sigmoid(0.5)) / 2
+  np.testing.assert_allclose(misc.mask_scores(logits), [expected, 0.], rtol=1e-6)
 
 
 def test_average_precision_by_hand():
@@ -165,12 +195,13 @@ def _step(state, batch, rng, *, model_module, config):
                           config=config)
 
 
-@pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask'])
+@pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask', 'mask_stride'])
 def test_each_ablation_switch_changes_the_model(switch):
   config = misc210k_dualpath.get_config('smoke')
   image = jnp.zeros((1, 32, 32, 3), jnp.uint8)
   model = dual_path.from_config(config.model)
-  config.model[switch] = not config.model[switch]  # the default's other setting
+  # The default's other setting (mask_stride: the feature grid, without the pixel stem).
+  config.model[switch] = 0 if switch == 'mask_stride' else not config.model[switch]
   ablated = dual_path.from_config(config.model)
   count = lambda m: sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(m.init, jax.random.key(0), image, image)['params']))
@@ -181,6 +212,35 @@ def test_each_ablation_switch_changes_the_model(switch):
     assert not np.allclose(full, jax.jit(ablated.apply)(params, source, target)['scores'])
   else:
     assert count(ablated) < count(model)
+
+
+def test_pixel_stem_cells_sit_on_the_mask_grid():
+  """A pixel changed at the centre of mask cell (i, j) (grids.resnet(4): pixel 4i, 4j) changes that cell
+  alone; one two pixels further changes its neighbour too. A stem off by a pixel fails both."""
+  stem = dual_path.PixelStem(dim=8, stride=4)
+  image = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+  params = stem.init(jax.random.key(1), image)
+  base = stem.apply(params, image)
+  assert base.shape == (1, 8, 8, 8)
+  changed = lambda y, x: np.abs(stem.apply(params, image.at[0, y, x].add(5.)) - base).max(-1)[0] > 1e-5
+  centre = grids.resnet(4).centres(8)
+  assert np.all(np.flatnonzero(changed(12, 20)) == [3 * 8 + 5]) and centre[3] == 12.5
+  assert sorted(zip(*np.nonzero(changed(12, 22)))) == [(3, 5), (3, 6)]
+
+
+def test_fine_masks_average_onto_the_feature_grid_where_the_transfer_is_restricted():
+  """A mask linear in x, drawn on the stride-4 mask grid and averaged onto the stride-8 feature grid, is
+  the same map as drawn on the feature grid directly (interior cells): the two grids are lined up."""
+  config = misc210k_dualpath.get_config('smoke')
+  config.model.mask_stride = 4
+  size = config.input.image_size
+  ramp = jnp.broadcast_to((jnp.arange(size) + 0.5) / size, (1, size, size))
+  cells = -(-size // int(kbcnet.feature_grid(config.model).stride))
+  fine = dual_path.grid_masks(ramp, -(-size // 4), dual_path.mask_grid(config.model))
+  regions = dual_path.feature_grid_regions(fine, config.model, cells)
+  direct = dual_path.grid_masks(ramp, cells, kbcnet.feature_grid(config.model))
+  assert fine.shape[-1] == 2 * cells and regions.shape == direct.shape
+  np.testing.assert_allclose(regions[0, 1:-1, 1:-1], direct[0, 1:-1, 1:-1], atol=1e-4)
 
 
 def test_without_coseg_the_loss_is_kbcnets_with_the_part_term_once(smoke_config):

@@ -4,9 +4,10 @@ Co-segmentation, on both images of every pair: predicted instances are the queri
 exceeds `config.eval.objectness_threshold`, with masks upsampled to the input. They are matched to the
 true instances by the Hungarian algorithm on IoU;
 - `miou`: mean over true instances of the IoU with the matched prediction (0 when unmatched);
-- `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked by objectness as
-  COCO ranks all detections (greedy matching, all-point interpolation), pooled over the split; it does
-  not depend on the threshold.
+- `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO ranks all
+  detections (greedy matching, all-point interpolation), pooled over the split, by objectness x mask
+  score (the mean probability inside the mask: Mask2Former's ranking, `mask_scores`); it does not depend
+  on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
@@ -51,12 +52,22 @@ def eval_step(state, batch, *, config):
   result = {'oracle': transfer(true_regions)}  # [B, J, I, K, 2]
   if 'mask_logits' in out:
     logits = out['mask_logits']  # [2, B, Q, H, W]
-    result['queries'] = transfer(jax.nn.sigmoid(logits[1]))  # [B, Q, I, K, 2]
-    result['masks'] = dual_path.upsample_masks(logits, size, cells) > 0
+    result['queries'] = transfer(dual_path.feature_grid_regions(jax.nn.sigmoid(logits[1]), config.model,
+                                                                grid))  # [B, Q, I, K, 2]
+    pixels = dual_path.upsample_masks(logits, size, dual_path.mask_grid(config.model))  # [2, B, Q, S, S]
+    result['masks'] = pixels > 0
     result['objectness'] = jax.nn.sigmoid(out['objectness'])  # [2, B, Q]
+    result['detection_scores'] = result['objectness'] * mask_scores(pixels)
   else:
     result['queries'] = transfer(jnp.ones((scores.shape[0], 1, grid, grid)))  # [B, 1, I, K, 2]
   return result
+
+
+def mask_scores(logits):
+  """Mask logits [..., H, W] -> how sure each mask is of itself [...]: the mean probability over the pixels
+  it covers (Mask2Former's mask score; 0 for an empty mask)."""
+  inside = logits > 0
+  return (jax.nn.sigmoid(logits) * inside).sum((-2, -1)) / jnp.maximum(inside.sum((-2, -1)), 1)
 
 
 def mask_iou(pred, gt):
@@ -136,9 +147,11 @@ def pair_records(batch, out, config):
           continue
         nonempty = np.flatnonzero(out['masks'][s, n].any((1, 2)))
         iou_all = mask_iou(out['masks'][s, n][nonempty], truths)
-        # AP ranks every detection by objectness, as COCO does; mIoU and PCK take the kept ones.
-        rec['scores'][n, s, nonempty] = out['objectness'][s, n, nonempty]
-        rec['tp'][n, s, nonempty] = greedy_true_positives(out['objectness'][s, n, nonempty], iou_all)
+        # AP ranks every detection, as COCO does, by objectness x mask score (Mask2Former's ranking);
+        # mIoU and PCK take the queries above the objectness threshold.
+        scores = out['detection_scores'][s, n, nonempty]
+        rec['scores'][n, s, nonempty] = scores
+        rec['tp'][n, s, nonempty] = greedy_true_positives(scores, iou_all)
         keep = out['objectness'][s, n, nonempty] > config.eval.objectness_threshold
         preds, iou = nonempty[keep], iou_all[keep]
         match = match_instances(iou)
@@ -196,7 +209,7 @@ class Evaluator:
       out = jax.device_get(self._p_step(p_state, batch))
       host = jax.device_get(batch)
       flat = lambda tree: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
-      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in ('masks', 'objectness')
+      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in ('masks', 'objectness', 'detection_scores')
                  else v.reshape((-1,) + v.shape[2:])) for k, v in out.items()}
       records.append(pair_records(flat(host), out, self.config))
       if first is None:

@@ -15,6 +15,9 @@ The paths exchange information, each exchange behind a config switch (for ablati
   predicted foreground (union of the instances) of both images.
 - `positional_encoding`: sine and cosine encodings of each cell's position join the mask features, so that
   queries can tell look-alike instances of a category apart by where they are.
+- `mask_stride`: the masks are drawn on a grid finer than the feature grid (`mask_grid`): the cell
+  features, upsampled, plus a small convolutional stem on the image (`PixelStem`) that sees the edges the
+  feature grid blurs. The transfer is still restricted on the feature grid (the masks averaged onto it).
 - always, when the co-segmentation path is on: a source instance's keypoints are transferred into one
   target instance at a time, by restricting the transfer's softmax over the target cells to that instance's
   mask (`restrict`): scores + beta * log(mask), i.e. the match probabilities times the mask.
@@ -37,6 +40,7 @@ import numpy as np
 import scipy.optimize
 
 from misc_jax.models import kbcnet
+from misc_jax.models import resnet
 from misc_jax.ops import conv4d
 from misc_jax.ops import grid as grids
 
@@ -48,14 +52,14 @@ def from_config(model_config) -> 'DualPath':
   c = model_config
   return DualPath(**kbcnet.trunk_fields(c), **kbcnet.decoder_fields(c), num_queries=c.num_queries,
                   mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume,
-                  positional_encoding=c.get('positional_encoding', False),
+                  positional_encoding=c.get('positional_encoding', False), mask_stride=c.get('mask_stride', 0),
                   num_parts=c.get('num_parts', 0) if c.get('part_loss_weight') else 0)
 
 
 class DualPath(nn.Module):
   """(source, target) uint8 [B, S, S, 3] -> {'scores' [B, H*W, H, W], and with the co-segmentation path
-  'mask_logits' [2, B, Q, H, W] and 'objectness' [2, B, Q] (index 0: source, 1: target)}, float32. The
-  trunk is KBCNet's (`backbone`, `grid`: see models/kbcnet.py)."""
+  'mask_logits' [2, B, Q, h, w] on the mask grid and 'objectness' [2, B, Q] (index 0: source, 1: target)},
+  float32. The trunk is KBCNet's (`backbone`, `grid`: see models/kbcnet.py)."""
   backbone: nn.Module
   grid: grids.Grid
   csfa_dim: int
@@ -72,6 +76,7 @@ class DualPath(nn.Module):
   corr_to_mask: bool = True
   mask_volume: bool = True
   positional_encoding: bool = True
+  mask_stride: int = 0  # pixels between mask cells (a ResNet-style grid); 0: the feature grid
   num_parts: int = 0  # > 0: the part-classification head of KBCNet (kbcnet.part_loss)
 
   @nn.compact
@@ -85,11 +90,13 @@ class DualPath(nn.Module):
     corr = kbcnet.correlate_tokens(tokens[:b], tokens[b:])  # [B, H, W, H, W, S] float32
     out = {}
     if self.coseg:
-      mask_logits, objectness = self._coseg(tokens.reshape(2 * b, *hw, -1), corr)
+      mask_logits, objectness = self._coseg(tokens.reshape(2 * b, *hw, -1), corr,
+                                            jnp.concatenate([source, target]))
       out = {'mask_logits': mask_logits.reshape(2, b, *mask_logits.shape[1:]),
              'objectness': objectness.reshape(2, b, -1)}
       if self.mask_volume:
-        fg = foreground(out['mask_logits'], out['objectness'])  # [2, B, H, W]
+        fg = foreground(out['mask_logits'], out['objectness'])  # [2, B, h, w] on the mask grid
+        fg = resample_cells(fg, self.mask_grid(), self.grid, hw[0])  # [2, B, H, W]
         corr = corr * fg[0][:, :, :, None, None, None] * fg[1][:, None, None, :, :, None]
     decoded = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
                                       self.decoder_groups, dtype, self.decoder_stride_dims,
@@ -101,8 +108,12 @@ class DualPath(nn.Module):
     out['scores'] = scores.reshape(b, hw[0] * hw[1], *hw)
     return out
 
-  def _coseg(self, tokens, corr):
-    """tokens [2B, H, W, C], corr [B, H, W, H, W, S] -> mask logits [2B, Q, H, W], objectness [2B, Q]."""
+  def mask_grid(self) -> grids.Grid:
+    return _mask_grid(self.mask_stride, self.grid)
+
+  def _coseg(self, tokens, corr, images):
+    """tokens [2B, H, W, C], corr [B, H, W, H, W, S], images uint8 [2B, S, S, 3] -> mask logits
+    [2B, Q, h, w] on the mask grid, objectness [2B, Q]."""
     dtype = jnp.dtype(self.dtype)
     b2, h, w, _ = tokens.shape
     feats = nn.Dense(self.mask_dim, dtype=dtype, name='mask_features')(tokens)
@@ -116,6 +127,13 @@ class DualPath(nn.Module):
     feats = nn.gelu(feats)
     if self.positional_encoding:  # where a cell is: look-alike instances differ by position alone
       feats = feats + sinusoidal_positions(h, w, self.mask_dim).astype(feats.dtype)
+    pixels = feats  # what the masks are drawn on: the cells, or a finer grid
+    if self.mask_stride:
+      n = -(-images.shape[1] // self.mask_stride)
+      pixels = (grids.resample(feats, (1, 2), self.grid, self.mask_grid(), (n, n))
+                + PixelStem(self.mask_dim, self.mask_stride, dtype, name='pixel_stem')(
+                    resnet.normalize_images(images, dtype)))
+    pixels = pixels.reshape(b2, -1, self.mask_dim)
     feats = feats.reshape(b2, h * w, self.mask_dim)
     # The queries of an image see its own cells and its partner's (partner: the other half of the batch).
     partner = jnp.roll(feats.reshape(2, b2 // 2, h * w, -1), 1, axis=0).reshape(feats.shape)
@@ -128,9 +146,52 @@ class DualPath(nn.Module):
       q = q + nn.Dense(self.mask_dim, dtype=dtype)(nn.gelu(nn.Dense(2 * self.mask_dim, dtype=dtype)(
           nn.LayerNorm(dtype=dtype)(q))))
     embed = nn.Dense(self.mask_dim, dtype=dtype, name='mask_embed')(q)
-    logits = jnp.einsum('bqc,bnc->bqn', embed, feats) / np.sqrt(self.mask_dim)
+    logits = jnp.einsum('bqc,bnc->bqn', embed, pixels) / np.sqrt(self.mask_dim)
     objectness = nn.Dense(1, dtype=dtype, name='objectness')(q)[..., 0]
-    return (logits.reshape(b2, -1, h, w).astype(jnp.float32), objectness.astype(jnp.float32))
+    side = int(np.sqrt(pixels.shape[1]))
+    return (logits.reshape(b2, -1, side, side).astype(jnp.float32), objectness.astype(jnp.float32))
+
+
+class PixelStem(nn.Module):
+  """Normalised images [B, S, S, 3] -> [B, S / stride, S / stride, dim]: log2(stride) 3 x 3 convolutions
+  of stride 2 (ReLU between), output cell i centred on pixel stride * i as a ResNet's (grids.resnet)."""
+  dim: int
+  stride: int
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    layers = int(np.log2(self.stride))
+    if 2**layers != self.stride:
+      raise ValueError(f'config.model.mask_stride={self.stride}: expected a power of 2')
+    for i in range(layers):
+      last = i == layers - 1
+      x = nn.Conv(self.dim if last else max(self.dim // 2, 16), (3, 3), strides=2, padding=1,
+                  dtype=self.dtype)(x)
+      x = x if last else nn.relu(x)
+    return x
+
+
+def mask_grid(model_config) -> grids.Grid:
+  """Where the cells of the mask logits sit in the image (`DualPath.mask_grid`)."""
+  return _mask_grid(model_config.get('mask_stride', 0), kbcnet.feature_grid(model_config))
+
+
+def _mask_grid(stride: int, feature_grid: grids.Grid) -> grids.Grid:
+  return grids.resnet(stride) if stride else feature_grid
+
+
+def resample_cells(maps, source: grids.Grid, target: grids.Grid, cells: int):
+  """Maps [..., h, w] on grid `source` -> [..., cells, cells] on `target` (averaged where the source is
+  finer): the masks, where the transfer is restricted on the feature grid."""
+  if source == target:
+    return maps
+  return grids.resample(maps, (maps.ndim - 2, maps.ndim - 1), source, target, (cells, cells))
+
+
+def feature_grid_regions(maps, model_config, cells: int):
+  """Maps [..., h, w] on the mask grid of `model_config` -> [..., cells, cells] on its feature grid."""
+  return resample_cells(maps, mask_grid(model_config), kbcnet.feature_grid(model_config), cells)
 
 
 def sinusoidal_positions(h: int, w: int, dim: int):
@@ -219,13 +280,15 @@ def _mask_costs(logits, gt):
   return bce, dice
 
 
-def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0.):
+def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0., no_object_weight: float = 1.):
   """Hungarian-matched mask loss of one image side.
 
   logits [B, Q, H, W], objectness [B, Q], gt [B, G, H, W] (cell fractions), gt_valid [B, G] ->
   (loss per pair [B], the query matched to each truth [B, G]). The matching cost is BCE + Dice, minus
   `objectness_cost` x each query's objectness probability (DETR's class term: the confident queries take
-  the instances, so a query's objectness and its assignments agree from batch to batch).
+  the instances, so a query's objectness and its assignments agree from batch to batch). The objectness
+  BCE weighs the unmatched queries by `no_object_weight` (DETR's and Mask2Former's eos_coef, 0.1 there):
+  most queries match nothing, and at weight 1 they pull every query's objectness down.
   """
   bce, dice = _mask_costs(logits, gt)
   cost = bce + dice - objectness_cost * jax.nn.sigmoid(objectness)[..., None]
@@ -235,9 +298,9 @@ def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0.):
   matched = ((take(bce) + take(dice)) * gt_valid).sum(-1) / count
   is_object = jnp.zeros_like(objectness).at[jnp.arange(gt.shape[0])[:, None], jnp.maximum(match, 0)].max(
       gt_valid.astype(objectness.dtype))
-  obj = jnp.mean(jnp.maximum(objectness, 0) - objectness * is_object + jnp.log1p(jnp.exp(
-      -jnp.abs(objectness))), -1)
-  return matched + obj, match
+  bce = jnp.maximum(objectness, 0) - objectness * is_object + jnp.log1p(jnp.exp(-jnp.abs(objectness)))
+  weight = is_object + no_object_weight * (1 - is_object)
+  return matched + (bce * weight).sum(-1) / weight.sum(-1), match
 
 
 def instance_pair_targets(batch, dense: bool = False):
@@ -286,22 +349,24 @@ def train_loss(apply, batch, config):
   scores = out['scores']
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
     return kbcnet.output_loss(scores, parts, batch, config)
-  grid = scores.shape[-1]
+  grid, cells = scores.shape[-1], out['mask_logits'].shape[-1]
   mask_terms, matches, true_masks = [], [], []
   for s, name in enumerate(('source', 'target')):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
-    true_masks.append(grid_masks(side['masks'], grid, kbcnet.feature_grid(model_config)))  # [B, G, H, W]
+    true_masks.append(grid_masks(side['masks'], cells, mask_grid(model_config)))  # [B, G, h, w]
     loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s], true_masks[s],
-                            side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost)
+                            side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost,
+                            model_config.get('no_object_weight', 1.))
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)
   # Each true target instance's region: the probability map of the query matched to it, or (`transfer_on
   # ='true'`) the instance's true mask, where the pair has masks.
-  probs = jax.nn.sigmoid(out['mask_logits'][1])  # [B, Q, H, W]
-  regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, H, W]
+  probs = jax.nn.sigmoid(out['mask_logits'][1])  # [B, Q, h, w]
+  regions = jnp.take_along_axis(probs, jnp.maximum(matches[1], 0)[..., None, None], 1)  # [B, J, h, w]
   if model_config.transfer_on == 'true':
     regions = jnp.where(batch['target']['has_masks'][:, None, None, None], true_masks[1], regions)
+  regions = feature_grid_regions(regions, model_config, grid)  # [B, J, H, W]
   epe, ce = pair_losses(scores, regions, batch, size, model_config)
   masks = sum(mask_terms) / 2
   loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
