@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
   if arg in ('synthetic', 'smoke'):  # KBCNet-tiny's synthetic settings (configs/synthetic.py)
     config = _dual_path(synthetic.get_config('smoke' if arg == 'smoke' else None))
     config.model.num_queries = 6
-    if arg == 'synthetic':  # 2,400 steps, about 20 minutes alone on 2 CPU cores
+    if arg == 'synthetic':  # 2,400 steps: 20 minutes alone on 2 CPU cores
       config.total_steps = 2400
       config.eval_every_steps = 600  # the KBCNet demo evaluates once, for KBC's cost
     config.model.mask_dim = 32

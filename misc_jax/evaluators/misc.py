@@ -209,7 +209,8 @@ class Evaluator:
       out = jax.device_get(self._p_step(p_state, batch))
       host = jax.device_get(batch)
       flat = lambda tree: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
-      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in ('masks', 'objectness', 'detection_scores')
+      per_side = ('masks', 'objectness', 'detection_scores')  # [devices, 2, B, ...]
+      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in per_side
                  else v.reshape((-1,) + v.shape[2:])) for k, v in out.items()}
       records.append(pair_records(flat(host), out, self.config))
       if first is None:

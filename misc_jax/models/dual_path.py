@@ -52,7 +52,8 @@ def from_config(model_config) -> 'DualPath':
   c = model_config
   return DualPath(**kbcnet.trunk_fields(c), **kbcnet.decoder_fields(c), num_queries=c.num_queries,
                   mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume,
-                  positional_encoding=c.get('positional_encoding', False), mask_stride=c.get('mask_stride', 0),
+                  positional_encoding=c.get('positional_encoding', False),
+                  mask_stride=c.get('mask_stride', 0),
                   num_parts=c.get('num_parts', 0) if c.get('part_loss_weight') else 0)
 
 
