@@ -134,6 +134,7 @@ class DualPath(nn.Module):
       pixels = (grids.resample(feats, (1, 2), self.grid, self.mask_grid(), (n, n))
                 + PixelStem(self.mask_dim, self.mask_stride, dtype, name='pixel_stem')(
                     resnet.normalize_images(images, dtype)))
+    mask_hw = pixels.shape[1:3]
     pixels = pixels.reshape(b2, -1, self.mask_dim)
     feats = feats.reshape(b2, h * w, self.mask_dim)
     # The queries of an image see its own cells and its partner's (partner: the other half of the batch).
@@ -149,8 +150,7 @@ class DualPath(nn.Module):
     embed = nn.Dense(self.mask_dim, dtype=dtype, name='mask_embed')(q)
     logits = jnp.einsum('bqc,bnc->bqn', embed, pixels) / np.sqrt(self.mask_dim)
     objectness = nn.Dense(1, dtype=dtype, name='objectness')(q)[..., 0]
-    side = int(np.sqrt(pixels.shape[1]))
-    return (logits.reshape(b2, -1, side, side).astype(jnp.float32), objectness.astype(jnp.float32))
+    return (logits.reshape(b2, -1, *mask_hw).astype(jnp.float32), objectness.astype(jnp.float32))
 
 
 class PixelStem(nn.Module):
@@ -182,14 +182,6 @@ def _mask_grid(stride: int, feature_grid: grids.Grid) -> grids.Grid:
   return grids.resnet(stride) if stride else feature_grid
 
 
-def resample_cells(maps, source: grids.Grid, target: grids.Grid, cells: int):
-  """Maps [..., h, w] on grid `source` -> [..., cells, cells] on `target` (averaged where the source is
-  finer): the masks, where the transfer is restricted on the feature grid."""
-  if source == target:
-    return maps
-  return grids.resample(maps, (maps.ndim - 2, maps.ndim - 1), source, target, (cells, cells))
-
-
 def feature_grid_regions(maps, model_config, cells: int):
   """Maps [..., h, w] on the mask grid of `model_config` -> [..., cells, cells] on its feature grid."""
   return resample_cells(maps, mask_grid(model_config), kbcnet.feature_grid(model_config), cells)
@@ -216,18 +208,23 @@ def restrict(scores, mask, beta: float):
   return scores + beta * jnp.log(mask + _EPS)[:, None]
 
 
+def resample_cells(maps, source: grids.Grid, target: grids.Grid, cells: int):
+  """Maps [..., h, w] on grid `source` -> [..., cells, cells] on `target`, cell centres aligned (averaged
+  where the source is finer)."""
+  if source == target:
+    return maps
+  return grids.resample(maps, (maps.ndim - 2, maps.ndim - 1), source, target, (cells, cells))
+
+
 def grid_masks(masks, cells: int, grid: grids.Grid):
   """Image masks [..., S, S] bool -> each cell's share of them [..., cells, cells] (pixels averaged
   around the cell's centre on `grid`, linearly weighted)."""
-  nd = masks.ndim
-  return grids.resample(masks.astype(jnp.float32), (nd - 2, nd - 1), grids.Grid(1, grids.PIXELS_OFFSET),
-                        grid, (cells, cells))
+  return resample_cells(masks.astype(jnp.float32), grids.Grid(1, grids.PIXELS_OFFSET), grid, cells)
 
 
 def upsample_masks(logits, size: int, grid: grids.Grid):
   """Mask logits [..., H, W] on `grid` -> [..., size, size] on the pixels (cell centres aligned)."""
-  nd = logits.ndim
-  return grids.resample(logits, (nd - 2, nd - 1), grid, grids.Grid(1, grids.PIXELS_OFFSET), (size, size))
+  return resample_cells(logits, grid, grids.Grid(1, grids.PIXELS_OFFSET), size)
 
 
 def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config):
