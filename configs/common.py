@@ -64,7 +64,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.match_loss_weight = 0.1  # cross-entropy on the true target cells (kbcnet.train_loss)
   config.model.match_targets = 'nearest'  # those cells: 'nearest', or 'bilinear' (sub-cell targets)
   config.model.transfer_loss_weight = 1.0  # the soft-argmax prediction's distance to the truth
-  config.model.part_loss_weight = 0.0  # > 0: cells also classify the part they show (kbcnet.part_loss)
+  config.model.part_loss_weight = 0.0  # > 0: cells also classify the part they show (models/supervision.py)
   config.model.num_parts = 0  # its classes: categories x (max_keypoints + max_dense_points)
   # Sub-cell refinement (kbcnet.refine_keypoints), on the backbone's first (finest) feature map: 0 is off.
   config.model.refine_dim = 0

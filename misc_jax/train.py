@@ -9,7 +9,6 @@ order and randomness are functions of the step, so a resumed run ends where an u
 import functools
 import importlib
 import json
-import os
 import signal
 
 from absl import logging
@@ -34,6 +33,7 @@ from misc_jax import optim
 from misc_jax import rundir
 from misc_jax import visualize
 from misc_jax.models import kbcnet
+from misc_jax.models import supervision
 from tfds_builders import build
 
 
@@ -238,7 +238,7 @@ def _kbc_crops(batch, keys, model_module, config):
   logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
   pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
   batch = dict(batch, source=_move_to_front(batch['source'], pick))
-  src_kps, src_valid, trg_kps, valid, _ = model_module.instance_targets(batch)
+  src_kps, src_valid, trg_kps, valid, _ = supervision.instance_targets(batch)
   b, size = src_kps.shape[0], config.input.image_size
   use = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), config.kbc.train_prob))(keys)
   identity = kbc.identity(b)

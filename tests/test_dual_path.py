@@ -13,6 +13,7 @@ from misc_jax import input_pipeline
 from misc_jax import train
 from misc_jax.evaluators import misc
 from misc_jax.models import dual_path
+from misc_jax.models import instance_matching
 from misc_jax.models import kbcnet
 from misc_jax.ops import grid as grids
 
@@ -31,7 +32,7 @@ def test_hungarian_matches_brute_force(seed):
   cost = rng.random((3, 5, 4)).astype(np.float32)  # 3 pairs, 5 queries, 4 truths
   valid = rng.random((3, 4)) < 0.7
   valid[0] = False  # a pair with no truth
-  match = np.asarray(jax.jit(dual_path.hungarian)(cost, valid))
+  match = np.asarray(jax.jit(instance_matching.hungarian)(cost, valid))
   for b in range(3):
     assert (match[b][~valid[b]] == -1).all()
     picked = match[b][valid[b]]
@@ -45,7 +46,7 @@ def test_objectness_cost_hands_an_instance_to_the_confident_of_two_equal_masks()
   logits = jnp.stack([jnp.where(gt[0, 0] > 0, 4., -4.)] * 2)[None]  # two queries, both exactly it
   objectness = jnp.array([[-2., 2.]])  # query 1 is the confident one
   valid = jnp.array([[True]])
-  loss = jax.jit(dual_path.mask_loss, static_argnums=4)
+  loss = jax.jit(instance_matching.mask_loss, static_argnums=4)
   _, by_masks = loss(logits, objectness, gt, valid, 0.)
   _, by_both = loss(logits, objectness, gt, valid, 1.)
   assert int(by_masks[0, 0]) == 0 and int(by_both[0, 0]) == 1  # a tie goes to the first query
@@ -56,7 +57,7 @@ def test_no_object_weight_scales_the_objectness_loss_of_unmatched_queries():
   logits = jnp.stack([jnp.where(gt[0, 0] > 0, 4., -4.), jnp.full((4, 4), -4.)])[None]  # query 0 is it
   objectness = jnp.array([[0.5, -1.]])
   valid = jnp.array([[True]])
-  loss = jax.jit(dual_path.mask_loss, static_argnums=(4, 5))
+  loss = jax.jit(instance_matching.mask_loss, static_argnums=(4, 5))
   bce_matched, bce_unmatched = -jax.nn.log_sigmoid(0.5), -jax.nn.log_sigmoid(1.)
   full, match = loss(logits, objectness, gt, valid, 0., 1.)
   light, _ = loss(logits, objectness, gt, valid, 0., 0.1)

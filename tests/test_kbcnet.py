@@ -14,6 +14,7 @@ from misc_jax import input_pipeline
 from misc_jax import train
 from misc_jax.evaluators import pck as pck_evaluator
 from misc_jax.models import kbcnet
+from misc_jax.models import supervision
 from misc_jax.ops import grid as grids
 
 
@@ -205,11 +206,11 @@ def test_chunked_decoder_gives_the_same_scores_and_gradients():
 def test_bilinear_cell_targets_have_their_expectation_at_the_point():
   grid, hw = grids.resnet(8), (16, 16)
   points = np.random.default_rng(0).uniform(0.5, 120.5, (50, 2)).astype(np.float32)  # inside the centres
-  index, weight = kbcnet.cell_targets(points, grid, hw)
+  index, weight = supervision.cell_targets(points, grid, hw)
   centres = np.stack(np.meshgrid(grid.centres(16), grid.centres(16), indexing='xy'), -1).reshape(-1, 2)
   np.testing.assert_allclose((weight[..., None] * centres[index]).sum(1), points, atol=1e-3)
   np.testing.assert_allclose(weight.sum(-1), 1, atol=1e-6)
-  index, weight = kbcnet.cell_targets(points, grid, hw, 'nearest')
+  index, weight = supervision.cell_targets(points, grid, hw, 'nearest')
   nearest = np.argmin(np.linalg.norm(centres[None] - points[:, None], axis=-1), -1)
   np.testing.assert_array_equal(index[:, 0], nearest)
   np.testing.assert_array_equal(weight[:, 0], 1)
@@ -222,15 +223,15 @@ def test_match_loss_is_the_cross_entropy_of_the_closest_instance():
   src = np.array([[[12.3, 9.1]]], np.float32)  # one source point [B, K, 2]
   trg = np.array([[[[4.5, 20.0]], [[13.7, 17.2]]]], np.float32)  # two target instances [B, I, K, 2]
   valid = np.ones((1, 2, 1), bool)
-  index, weight = kbcnet.cell_targets(trg[0, 1, 0], grid, hw)
+  index, weight = supervision.cell_targets(trg[0, 1, 0], grid, hw)
   probs = np.full(16, 1e-9)
   probs[np.asarray(index)] = weight
   scores = np.broadcast_to(beta * np.log(probs), (1, 16, 16)).reshape(1, 16, 4, 4)  # every source row
-  loss = kbcnet.match_loss(scores, src, np.ones((1, 1), bool), trg, valid, grid, beta)
+  loss = supervision.match_loss(scores, src, np.ones((1, 1), bool), trg, valid, grid, beta)
   entropy = -(weight * np.log(weight)).sum()
   np.testing.assert_allclose(loss, [entropy], rtol=1e-3)
   shifted = np.roll(scores, 5, axis=-1)
-  shifted_loss = kbcnet.match_loss(shifted, src, np.ones((1, 1), bool), trg, valid, grid, beta)
+  shifted_loss = supervision.match_loss(shifted, src, np.ones((1, 1), bool), trg, valid, grid, beta)
   assert float(shifted_loss[0]) > entropy + 1
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import visualize
+from misc_jax.models import supervision
 from misc_jax.ops import pck
 
 ATTRIBUTE_LEVELS = 8  # SPair-71k's attributes take values 0..4
@@ -30,7 +31,7 @@ def predict(state, batch, *, model_module, config):
   """Predicted target keypoints [B, K, 2] of source instance 0, plus the targets they are scored on."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   apply = functools.partial(state.apply_fn, variables)
-  src_kps, src_valid, trg_kps, valid, boxes = model_module.instance_targets(batch)
+  src_kps, src_valid, trg_kps, valid, boxes = supervision.instance_targets(batch)
   size = config.input.image_size
   transfer = lambda scores, kps, kps_valid: model_module.predict_keypoints(
       scores, kps, kps_valid, size, **model_module.transfer_kwargs(config.model))
@@ -40,7 +41,7 @@ def predict(state, batch, *, model_module, config):
     full = (batch['source']['image_full'], batch['target']['image_full'])
     pred = kbc.predict(apply, transfer, source, target, src_kps, src_valid,
                        pred if config.kbc.coarse_pass else None, config.kbc, full)
-  _, best, _ = model_module.match_instances(pred, trg_kps, valid, size)
+  _, best, _ = supervision.match_instances(pred, trg_kps, valid, size)
   take = lambda x: jnp.take_along_axis(x, best.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
   return {'src': src_kps, 'pred': pred, 'gt': take(trg_kps), 'valid': take(valid),
           'bbox': take(boxes)}

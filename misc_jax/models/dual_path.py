@@ -24,23 +24,24 @@ The paths exchange information, each exchange behind a config switch (for ablati
 `coseg=False` removes the co-segmentation path: the model is KBCNet, trained to match the closest target
 instance, and cannot tell target instances apart.
 
-Losses (weights in config.model): masks at the feature grid, predicted instances matched to the true ones
-by the Hungarian algorithm on BCE + Dice cost (scipy on the host), BCE + Dice on matched pairs and BCE on
-objectness; keypoint transfer (EPE in image sides, plus the cross-entropy of KBCNet's `match_loss`) for
-every (true source instance, true target instance) pair, restricted to the predicted mask matched to the
-target instance, so that correspondence errors reach the mask path too (`transfer_on='predicted'`), or to
-the instance's true mask (`'true'`: the correspondence path learns as with the instances given, and the
-masks learn from their own loss alone).
+Losses (weights in config.model): masks on the mask grid, predicted instances matched to the true ones by
+the Hungarian algorithm on BCE + Dice cost, BCE + Dice on matched pairs and BCE on objectness
+(models/instance_matching.py); keypoint transfer (EPE in image sides, plus the match cross-entropy,
+supervision.match_loss) for every (true source instance, true target instance) pair, restricted to the
+predicted mask matched to the target instance, so that correspondence errors reach the mask path too
+(`transfer_on='predicted'`), or to the instance's true mask (`'true'`: the correspondence path learns as
+with the instances given, and the masks learn from their own loss alone).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
+from misc_jax.models import instance_matching
 from misc_jax.models import kbcnet
 from misc_jax.models import resnet
+from misc_jax.models import supervision
 from misc_jax.ops import conv4d
 from misc_jax.ops import grid as grids
 
@@ -78,7 +79,7 @@ class DualPath(nn.Module):
   mask_volume: bool = True
   positional_encoding: bool = True
   mask_stride: int = 0  # pixels between mask cells (a ResNet-style grid); 0: the feature grid
-  num_parts: int = 0  # > 0: the part-classification head of KBCNet (kbcnet.part_loss)
+  num_parts: int = 0  # > 0: the part-classification head of KBCNet (supervision.part_loss)
 
   @nn.compact
   def __call__(self, source, target):
@@ -243,73 +244,18 @@ def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Matching and losses.
+# Losses (the instance matching and mask loss: models/instance_matching.py).
 # ----------------------------------------------------------------------------------------------------------
-
-def hungarian(cost, valid):
-  """Minimum-cost assignment of queries to ground-truth instances, on the host (scipy).
-
-  cost [B, Q, G], valid [B, G] -> the query of each ground truth [B, G] int32 (-1 where not valid).
-  Needs Q >= the number of valid ground truths.
-  """
-  def host(cost, valid):
-    cost, valid = np.asarray(cost), np.asarray(valid)
-    out = np.full(valid.shape, -1, np.int32)
-    for n in np.ndindex(valid.shape[:-1]):
-      cols = np.flatnonzero(valid[n])
-      if cols.size:
-        rows, picked = scipy.optimize.linear_sum_assignment(cost[n][:, cols])
-        out[n][cols[picked]] = rows
-    return out
-
-  return jax.pure_callback(host, jax.ShapeDtypeStruct(valid.shape, jnp.int32), cost, valid,
-                           vmap_method='sequential')
-
-
-def _mask_costs(logits, gt):
-  """Per-cell-mean BCE and Dice loss of every query [B, Q, H, W] against every truth [B, G, H, W]
-  (soft, in [0, 1]) -> [B, Q, G] each."""
-  p = jax.nn.sigmoid(logits).reshape(*logits.shape[:2], -1)
-  t = gt.reshape(*gt.shape[:2], -1)
-  log_p = jax.nn.log_sigmoid(logits).reshape(p.shape)
-  log_not_p = jax.nn.log_sigmoid(-logits).reshape(p.shape)
-  bce = -(jnp.einsum('bqn,bgn->bqg', log_p, t) + jnp.einsum('bqn,bgn->bqg', log_not_p, 1 - t)) / t.shape[-1]
-  dice = 1 - (2 * jnp.einsum('bqn,bgn->bqg', p, t) + 1) / (p.sum(-1)[..., None] + t.sum(-1)[:, None] + 1)
-  return bce, dice
-
-
-def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0., no_object_weight: float = 1.):
-  """Hungarian-matched mask loss of one image side.
-
-  logits [B, Q, H, W], objectness [B, Q], gt [B, G, H, W] (cell fractions), gt_valid [B, G] ->
-  (loss per pair [B], the query matched to each truth [B, G]). The matching cost is BCE + Dice, minus
-  `objectness_cost` x each query's objectness probability (DETR's class term: the confident queries take
-  the instances, so a query's objectness and its assignments agree from batch to batch). The objectness
-  BCE weighs the unmatched queries by `no_object_weight` (DETR's and Mask2Former's eos_coef, 0.1 there):
-  most queries match nothing, and at weight 1 they pull every query's objectness down.
-  """
-  bce, dice = _mask_costs(logits, gt)
-  cost = bce + dice - objectness_cost * jax.nn.sigmoid(objectness)[..., None]
-  match = hungarian(jax.lax.stop_gradient(cost), gt_valid)
-  take = lambda cost: jnp.take_along_axis(cost, jnp.maximum(match, 0)[:, None], 1)[:, 0]  # [B, G]
-  count = jnp.maximum(gt_valid.sum(-1), 1)
-  matched = ((take(bce) + take(dice)) * gt_valid).sum(-1) / count
-  is_object = jnp.zeros_like(objectness).at[jnp.arange(gt.shape[0])[:, None], jnp.maximum(match, 0)].max(
-      gt_valid.astype(objectness.dtype))
-  bce = jnp.maximum(objectness, 0) - objectness * is_object + jnp.log1p(jnp.exp(-jnp.abs(objectness)))
-  weight = is_object + no_object_weight * (1 - is_object)
-  return matched + (bce * weight).sum(-1) / weight.sum(-1), match
-
 
 def instance_pair_targets(batch, dense: bool = False):
   """Source keypoints [B, I, K, 2] and mask [B, I, K]; target keypoints [B, J, K, 2]; valid[B, I, J, K]
   where a keypoint is labelled in source instance i and target instance j. `dense`: the dataset's dense
-  points join the keypoints (kbcnet.training_points), for training."""
+  points join the keypoints (supervision.training_points), for training."""
   if dense:
-    (src, src_valid), (trg, trg_valid) = (kbcnet.training_points(batch[n]) for n in ('source', 'target'))
+    (src, src_valid), (trg, trg_valid) = (supervision.training_points(batch[n]) for n in ('source', 'target'))
   else:
     src, trg = batch['source']['keypoints'], batch['target']['keypoints']
-    src_valid, trg_valid = (kbcnet.annotated(batch[n]) for n in ('source', 'target'))
+    src_valid, trg_valid = (supervision.annotated(batch[n]) for n in ('source', 'target'))
   return src, src_valid, trg, src_valid[:, :, None] & trg_valid[:, None]
 
 
@@ -325,7 +271,7 @@ def pair_losses(scores, target_masks, batch, size, model_config):
   epe = jnp.where(pairs, (dist * valid).sum(-1) / jnp.maximum(count, 1), 0.)
 
   def match_ce(mask, j_kps, j_valid):  # one target instance j: every source instance's keypoints
-    return jax.vmap(lambda kps, v, tv: kbcnet.match_loss(
+    return jax.vmap(lambda kps, v, tv: supervision.match_loss(
         restrict(scores, mask, model_config.beta), kps, v, j_kps[:, None], tv[:, None],
         kbcnet.feature_grid(model_config), model_config.beta, model_config.match_targets).mean(),
                     in_axes=(1, 1, 1))(src_kps, src_valid, j_valid)  # [I]
@@ -353,7 +299,7 @@ def train_loss(apply, batch, config):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
     true_masks.append(grid_masks(side['masks'], cells, mask_grid(model_config)))  # [B, G, h, w]
-    loss, match = mask_loss(out['mask_logits'][s], out['objectness'][s], true_masks[s],
+    loss, match = instance_matching.mask_loss(out['mask_logits'][s], out['objectness'][s], true_masks[s],
                             side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost,
                             model_config.get('no_object_weight', 1.))
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))

@@ -17,8 +17,6 @@ from misc_jax.ops import grid as grids
 # What the trainer and the evaluators use, as KBCNet has them.
 predict_keypoints = kbcnet.predict_keypoints
 transfer_kwargs = kbcnet.transfer_kwargs
-instance_targets = kbcnet.instance_targets
-match_instances = kbcnet.match_instances
 train_loss = kbcnet.train_loss
 
 

@@ -55,3 +55,12 @@ def mutual_nn_filter(corr):
   max_trg = jnp.where(max_trg == 0, 1e-30, max_trg)
   max_src = jnp.where(max_src == 0, 1e-30, max_src)
   return (flat * (flat / max_trg) * (flat / max_src)).reshape(corr.shape)
+
+
+def as_volume(scores):
+  """Scores [B, Ha*Wa, Hb, Wb] -> float32 [B, Ha, Wa, Hb, Wb] (the source grid is square)."""
+  b, sa, hb, wb = scores.shape
+  ha = round(sa**0.5)
+  if ha * ha != sa:
+    raise ValueError(f'scores {scores.shape}: the source grid must be square')
+  return scores.reshape(b, ha, ha, hb, wb).astype(jnp.float32)

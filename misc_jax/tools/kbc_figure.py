@@ -17,7 +17,7 @@ import numpy as np
 from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import visualize
-from misc_jax.models import kbcnet
+from misc_jax.models import supervision
 from tfds_builders import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -32,7 +32,7 @@ def main(argv):
   builder = build.build(config.dataset.name, config.dataset.data_dir)
   batch = next(input_pipeline.eval_iterator(config, config.dataset.eval_split, to_device=False))
   batch = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])[:_PAIRS.value], batch)
-  src_kps, src_valid, trg_kps, valid, _ = kbcnet.instance_targets(batch)
+  src_kps, src_valid, trg_kps, valid, _ = supervision.instance_targets(batch)
   crops = dict(zip(('source', 'target'), kbc.ground_truth_crops(
       src_kps, src_valid, trg_kps, valid, config.input.image_size, config.kbc)))
   cropped = dict(batch, **{side: kbc.crop_side(batch[side], crops[side]) for side in crops})
