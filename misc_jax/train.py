@@ -189,7 +189,7 @@ def train_step(state, batch, rng, *, model_module, config):
     b = batch['valid'].shape[0]
     index = lax.axis_index('batch') * b + jnp.arange(b)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, state.step), i))(index)
-    batch = _kbc_crops(batch, keys, model_module, config)
+    batch = _kbc_crops(batch, keys, config)
 
   def loss_fn(params):
     apply = functools.partial(state.apply_fn, {'params': params, 'batch_stats': state.batch_stats})
@@ -231,7 +231,7 @@ def check_dispatch(config, start: int) -> int:
   return k
 
 
-def _kbc_crops(batch, keys, model_module, config):
+def _kbc_crops(batch, keys, config):
   """KBC as augmentation: with probability config.kbc.train_prob a pair is seen through crops around the
   keypoints of a random annotated source instance (moved to slot 0) and its ground-truth target keypoints
   (those of every target instance). keys: one per pair."""

@@ -114,7 +114,7 @@ def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   keys = jax.random.split(jax.random.key(0), b)
   with smoke_config.unlocked():
     smoke_config.kbc.train_prob = 0.5
-  out = train._kbc_crops(batch, keys, kbcnet, smoke_config)  # pylint: disable=protected-access
+  out = train._kbc_crops(batch, keys, smoke_config)  # pylint: disable=protected-access
   moved = np.array([not np.array_equal(out['source']['image'][i], batch['source']['image'][i])
                     for i in range(b)])
   assert 0 < moved.sum() < b  # some pairs cropped, some not

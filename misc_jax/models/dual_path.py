@@ -299,9 +299,10 @@ def train_loss(apply, batch, config):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
     true_masks.append(grid_masks(side['masks'], cells, mask_grid(model_config)))  # [B, G, h, w]
-    loss, match = instance_matching.mask_loss(out['mask_logits'][s], out['objectness'][s], true_masks[s],
-                            side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost,
-                            model_config.get('no_object_weight', 1.))
+    loss, match = instance_matching.mask_loss(
+        out['mask_logits'][s], out['objectness'][s], true_masks[s],
+        side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost,
+        model_config.get('no_object_weight', 1.))
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)
   # Each true target instance's region: the probability map of the query matched to it, or (`transfer_on
