@@ -14,7 +14,9 @@ Ablations: --config.model.coseg=False (no co-segmentation path: KBCNet),
 (correspondence evidence does not feed the masks), --config.model.transfer_on=true (the training transfer
 restricted to the true instead of the predicted masks), --config.model.objectness_cost=1.0 (objectness in
 the matching cost), --config.model.no_object_weight=1.0 (the unmatched queries' objectness weighs as
-much as the matched ones'), --config.model.mask_stride=0 (masks on the feature grid). Not yet measured on
+much as the matched ones'), --config.model.mask_stride=0 (masks on the feature grid),
+--config.model.mask_iou_loss_weight=1.0 (a MaskIoU head ranks the detections),
+--config.model.query_self_attention=True (the queries see each other). Not yet measured on
 MISC210K: no copy here.
 """
 
@@ -40,6 +42,12 @@ def _dual_path(config):
   config.model.mask_stride = 4
   config.model.transfer_on = 'predicted'   # the region the training transfer is restricted to, or 'true'
   config.model.mask_loss_weight = 1.0
+  # > 0: a MaskIoU head (Mask Scoring R-CNN) learns each mask's IoU with the instance matched to it, behind
+  # a stop-gradient, and AP ranks by objectness x that IoU; 0: by objectness x the mean mask probability.
+  # Off: the same AP on the synthetic data (docs/misc.md).
+  config.model.mask_iou_loss_weight = 0.0
+  # The queries attend to each other too (DETR's decoder), against duplicate masks. Off: no gain measured.
+  config.model.query_self_attention = False
   config.model.objectness_cost = 0.0  # objectness's weight in the Hungarian matching cost (masks: BCE + Dice)
   # The objectness loss's weight on the queries matched to nothing (DETR's and Mask2Former's eos_coef):
   # at 1 the objectness was under-confident and mIoU 28-30%; at 0.1 mIoU 44-46% (docs/misc.md).

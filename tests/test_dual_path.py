@@ -78,6 +78,48 @@ def test_mask_iou_and_instance_matching_against_numpy():
   assert misc.mask_iou(pred[:0], gt).shape == (0, 2)
 
 
+def test_matched_mask_iou_by_hand():
+  """The MaskIoU head's target: each query's binary mask against the truth matched to it, 0 unmatched."""
+  gt = np.zeros((1, 3, 4, 4), np.float32)
+  gt[0, 0, :2] = 1.  # rows 0-1 (8 cells)
+  gt[0, 1, :, :1] = 1.  # column 0 (4 cells)
+  logits = np.full((1, 4, 4, 4), -5., np.float32)
+  logits[0, 0, :1] = 5.  # row 0: half of truth 0 -> IoU 4 / 8
+  logits[0, 1, :, :1] = 5.  # exactly truth 1 -> 1
+  logits[0, 2, :, :1] = 5.  # a duplicate of truth 1, matched to nothing -> 0
+  logits[0, 3, 2:] = 0.1  # matched to truth 2, which is not valid -> 0
+  match = np.array([[0, 1, 3]])
+  valid = np.array([[True, True, False]])
+  iou = instance_matching.matched_mask_iou(logits, gt, match, valid)
+  np.testing.assert_allclose(iou, [[0.5, 1., 0., 0.]], atol=1e-6)
+  loss = lambda iou_logits: instance_matching.mask_iou_loss(jnp.array([iou_logits]), logits, gt, match, valid)
+  assert loss([0., 5., -5., -5.]) < loss([0., -5., 5., -5.])  # the true mask ranks above its duplicate
+
+
+def test_mask_iou_head_ranks_the_masks_without_changing_them():
+  """The head's loss reaches its own parameters alone (a stop-gradient): the masks do not bend to it."""
+  config = misc210k_dualpath.get_config('smoke')
+  config.model.mask_iou_loss_weight = 1.0
+  model = dual_path.from_config(config.model)
+  source, target = jax.random.randint(jax.random.key(0), (2, 1, 32, 32, 3), 0, 255).astype(jnp.uint8)
+  variables = jax.jit(model.init)(jax.random.key(1), source, target)
+  match, valid = jnp.array([[0, 1]]), jnp.array([[True, True]])
+
+  def loss(params):
+    out = model.apply({**variables, 'params': params}, source, target)
+    cells = out['mask_logits'].shape[-1]
+    gt = jnp.zeros((1, 2, cells, cells)).at[0, 0, :cells // 2].set(1.).at[0, 1, cells // 2:].set(1.)
+    return instance_matching.mask_iou_loss(out['mask_iou'][1], out['mask_logits'][1], gt, match, valid).sum()
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  head = {'mask_iou', 'mask_iou_hidden'}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    if head & {getattr(k, 'key', None) for k in path}:
+      assert np.abs(g).max() > 0, path
+    else:
+      assert not np.any(g), path
+
+
 def _rect(rows, cols, size=8):
   m = np.zeros((size, size), bool)
   m[rows[0]:rows[1], cols[0]:cols[1]] = True
@@ -169,6 +211,7 @@ def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config,
   config.optim.warmup_steps = 1
   config.optim.lr = config.optim.backbone_lr = 3e-3
   config.input.augment.photometric = False
+  config.model.mask_iou_loss_weight = 1.0  # with the MaskIoU head: its loss, and AP ranked by it
   batch = next(input_pipeline.train_iterator(config))  # one batch, seen again and again
   model_module, model = train.create_model(config)
   state = train.replicate(train.initial_state(config, model))
@@ -181,6 +224,7 @@ def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config,
   first, last = history[0], history[-1]
   assert last['mask_loss'] < 0.85 * first['mask_loss'], history
   assert last['transfer_loss'] < 0.8 * first['transfer_loss'], history
+  assert last['mask_iou_loss'] < first['mask_iou_loss'], history
 
   evaluator = misc.Evaluator(config, model_module, 'validation', None)
   metrics, first_batch = evaluator.evaluate(state)
@@ -196,13 +240,15 @@ def _step(state, batch, rng, *, model_module, config):
                           config=config)
 
 
-@pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask', 'mask_stride'])
+@pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask', 'mask_stride',
+                                    'mask_iou_loss_weight', 'query_self_attention'])
 def test_each_ablation_switch_changes_the_model(switch):
   config = misc210k_dualpath.get_config('smoke')
   image = jnp.zeros((1, 32, 32, 3), jnp.uint8)
   model = dual_path.from_config(config.model)
   # The default's other setting (mask_stride: the feature grid, without the pixel stem).
-  config.model[switch] = 0 if switch == 'mask_stride' else not config.model[switch]
+  other = {'mask_stride': 0, 'mask_iou_loss_weight': float(not config.model.mask_iou_loss_weight)}
+  config.model[switch] = other.get(switch, not config.model[switch])
   ablated = dual_path.from_config(config.model)
   count = lambda m: sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(m.init, jax.random.key(0), image, image)['params']))
@@ -211,8 +257,8 @@ def test_each_ablation_switch_changes_the_model(switch):
     source, target = image + 100, image.at[:, 8:24, 8:24].set(200)
     full = jax.jit(model.apply)(params, source, target)['scores']
     assert not np.allclose(full, jax.jit(ablated.apply)(params, source, target)['scores'])
-  else:
-    assert count(ablated) < count(model)
+  else:  # a path or a head more or less
+    assert count(ablated) != count(model)
 
 
 def test_pixel_stem_cells_sit_on_the_mask_grid():

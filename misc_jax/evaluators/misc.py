@@ -5,9 +5,10 @@ exceeds `config.eval.objectness_threshold`, with masks upsampled to the input. T
 true instances by the Hungarian algorithm on IoU;
 - `miou`: mean over true instances of the IoU with the matched prediction (0 when unmatched);
 - `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO ranks all
-  detections (greedy matching, all-point interpolation), pooled over the split, by objectness x mask
-  score (the mean probability inside the mask: Mask2Former's ranking, `mask_scores`); it does not depend
-  on the threshold.
+  detections (greedy matching, all-point interpolation), pooled over the split, by objectness x the
+  mask's predicted IoU (Mask Scoring R-CNN's ranking; `config.model.mask_iou_loss_weight` > 0), or without
+  that head objectness x mask score (the mean probability inside the mask: Mask2Former's, `mask_scores`);
+  it does not depend on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
@@ -57,7 +58,8 @@ def eval_step(state, batch, *, config):
     pixels = dual_path.upsample_masks(logits, size, dual_path.mask_grid(config.model))  # [2, B, Q, S, S]
     result['masks'] = pixels > 0
     result['objectness'] = jax.nn.sigmoid(out['objectness'])  # [2, B, Q]
-    result['detection_scores'] = result['objectness'] * mask_scores(pixels)
+    quality = jax.nn.sigmoid(out['mask_iou']) if 'mask_iou' in out else mask_scores(pixels)
+    result['detection_scores'] = result['objectness'] * quality
   else:
     result['queries'] = transfer(jnp.ones((scores.shape[0], 1, grid, grid)))  # [B, 1, I, K, 2]
   return result

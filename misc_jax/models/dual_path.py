@@ -54,13 +54,15 @@ def from_config(model_config) -> 'DualPath':
   return DualPath(**kbcnet.trunk_fields(c), **kbcnet.decoder_fields(c), num_queries=c.num_queries,
                   mask_dim=c.mask_dim, coseg=c.coseg, corr_to_mask=c.corr_to_mask, mask_volume=c.mask_volume,
                   positional_encoding=c.get('positional_encoding', False),
-                  mask_stride=c.get('mask_stride', 0),
+                  mask_stride=c.get('mask_stride', 0), mask_iou_head=bool(c.get('mask_iou_loss_weight', 0.)),
+                  query_self_attention=c.get('query_self_attention', False),
                   num_parts=c.get('num_parts', 0) if c.get('part_loss_weight') else 0)
 
 
 class DualPath(nn.Module):
   """(source, target) uint8 [B, S, S, 3] -> {'scores' [B, H*W, H, W], and with the co-segmentation path
-  'mask_logits' [2, B, Q, h, w] on the mask grid and 'objectness' [2, B, Q] (index 0: source, 1: target)},
+  'mask_logits' [2, B, Q, h, w] on the mask grid, 'objectness' [2, B, Q] (index 0: source, 1: target)
+  and with `mask_iou_head` 'mask_iou' [2, B, Q] (logits of each mask's predicted IoU with its instance)},
   float32. The trunk is KBCNet's (`backbone`, `grid`: see models/kbcnet.py)."""
   backbone: nn.Module
   grid: grids.Grid
@@ -79,6 +81,8 @@ class DualPath(nn.Module):
   mask_volume: bool = True
   positional_encoding: bool = True
   mask_stride: int = 0  # pixels between mask cells (a ResNet-style grid); 0: the feature grid
+  mask_iou_head: bool = False  # predict each mask's IoU with its instance (detections' ranking)
+  query_self_attention: bool = False  # the queries attend to each other after the cells
   num_parts: int = 0  # > 0: the part-classification head of KBCNet (supervision.part_loss)
 
   @nn.compact
@@ -92,10 +96,8 @@ class DualPath(nn.Module):
     corr = kbcnet.correlate_tokens(tokens[:b], tokens[b:])  # [B, H, W, H, W, S] float32
     out = {}
     if self.coseg:
-      mask_logits, objectness = self._coseg(tokens.reshape(2 * b, *hw, -1), corr,
-                                            jnp.concatenate([source, target]))
-      out = {'mask_logits': mask_logits.reshape(2, b, *mask_logits.shape[1:]),
-             'objectness': objectness.reshape(2, b, -1)}
+      coseg = self._coseg(tokens.reshape(2 * b, *hw, -1), corr, jnp.concatenate([source, target]))
+      out = {k: v.reshape(2, b, *v.shape[1:]) for k, v in coseg.items()}
       if self.mask_volume:
         fg = foreground(out['mask_logits'], out['objectness'])  # [2, B, h, w] on the mask grid
         fg = resample_cells(fg, self.mask_grid(), self.grid, hw[0])  # [2, B, H, W]
@@ -114,8 +116,8 @@ class DualPath(nn.Module):
     return _mask_grid(self.mask_stride, self.grid)
 
   def _coseg(self, tokens, corr, images):
-    """tokens [2B, H, W, C], corr [B, H, W, H, W, S], images uint8 [2B, S, S, 3] -> mask logits
-    [2B, Q, h, w] on the mask grid, objectness [2B, Q]."""
+    """tokens [2B, H, W, C], corr [B, H, W, H, W, S], images uint8 [2B, S, S, 3] -> {'mask_logits'
+    [2B, Q, h, w] on the mask grid, 'objectness' [2B, Q], with `mask_iou_head` 'mask_iou' [2B, Q]}."""
     dtype = jnp.dtype(self.dtype)
     b2, h, w, _ = tokens.shape
     feats = nn.Dense(self.mask_dim, dtype=dtype, name='mask_features')(tokens)
@@ -146,12 +148,36 @@ class DualPath(nn.Module):
     for i in range(2):
       q = q + nn.MultiHeadDotProductAttention(2, dtype=dtype, name=f'query_attention{i}')(
           nn.LayerNorm(dtype=dtype)(q), context)
+      if self.query_self_attention:  # the queries see each other (DETR): one instance, one query
+        x = nn.LayerNorm(dtype=dtype, name=f'query_self_norm{i}')(q)
+        q = q + nn.MultiHeadDotProductAttention(2, dtype=dtype, name=f'query_self_attention{i}')(x, x)
       q = q + nn.Dense(self.mask_dim, dtype=dtype)(nn.gelu(nn.Dense(2 * self.mask_dim, dtype=dtype)(
           nn.LayerNorm(dtype=dtype)(q))))
     embed = nn.Dense(self.mask_dim, dtype=dtype, name='mask_embed')(q)
     logits = jnp.einsum('bqc,bnc->bqn', embed, pixels) / np.sqrt(self.mask_dim)
     objectness = nn.Dense(1, dtype=dtype, name='objectness')(q)[..., 0]
-    return (logits.reshape(b2, -1, *mask_hw).astype(jnp.float32), objectness.astype(jnp.float32))
+    out = {'mask_logits': logits.reshape(b2, -1, *mask_hw).astype(jnp.float32),
+           'objectness': objectness.astype(jnp.float32)}
+    if self.mask_iou_head:
+      out['mask_iou'] = self._mask_iou(q, logits, pixels).astype(jnp.float32)
+    return out
+
+  def _mask_iou(self, queries, logits, pixels):
+    """Mask Scoring R-CNN's MaskIoU head: queries [2B, Q, C], mask logits [2B, Q, N], pixel features
+    [2B, N, C] -> [2B, Q] logits of the IoU of each query's mask with its instance. It reads the query,
+    the features its mask covers, the mask's area and mean confidence, all behind a stop-gradient: it
+    ranks the masks and does not change them."""
+    dtype = jnp.dtype(self.dtype)
+    probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+    inside = (logits > 0).astype(jnp.float32)
+    area = inside.mean(-1, keepdims=True)
+    confidence = (probs * inside).sum(-1, keepdims=True) / jnp.maximum(inside.sum(-1, keepdims=True), 1)
+    covered = jnp.einsum('bqn,bnc->bqc', probs, pixels.astype(jnp.float32)) / (
+        probs.sum(-1, keepdims=True) + 1e-6)
+    x = jax.lax.stop_gradient(jnp.concatenate(
+        [queries.astype(jnp.float32), covered, jnp.log(area + 1e-3), confidence], -1))
+    x = nn.gelu(nn.Dense(self.mask_dim, dtype=dtype, name='mask_iou_hidden')(x))
+    return nn.Dense(1, dtype=dtype, name='mask_iou')(x)[..., 0]
 
 
 class PixelStem(nn.Module):
@@ -294,7 +320,7 @@ def train_loss(apply, batch, config):
   if not model_config.coseg:  # KBCNet: each source instance against its closest target instance
     return kbcnet.output_loss(scores, parts, batch, config)
   grid, cells = scores.shape[-1], out['mask_logits'].shape[-1]
-  mask_terms, matches, true_masks = [], [], []
+  mask_terms, iou_terms, matches, true_masks = [], [], [], []
   for s, name in enumerate(('source', 'target')):
     side = batch[name]
     has = side['has_masks'].astype(jnp.float32)
@@ -304,6 +330,10 @@ def train_loss(apply, batch, config):
         side['instance_valid'] & side['has_masks'][:, None], model_config.objectness_cost,
         model_config.get('no_object_weight', 1.))
     mask_terms.append((loss * has).sum() / jnp.maximum(has.sum(), 1))
+    if 'mask_iou' in out:
+      iou_loss = instance_matching.mask_iou_loss(out['mask_iou'][s], out['mask_logits'][s], true_masks[s],
+                                                 match, side['instance_valid'])
+      iou_terms.append((iou_loss * has).sum() / jnp.maximum(has.sum(), 1))
     matches.append(match)
   # Each true target instance's region: the probability map of the query matched to it, or (`transfer_on
   # ='true'`) the instance's true mask, where the pair has masks.
@@ -316,4 +346,7 @@ def train_loss(apply, batch, config):
   masks = sum(mask_terms) / 2
   loss = (epe + model_config.match_loss_weight * ce + model_config.mask_loss_weight * masks
           + model_config.get('part_loss_weight', 0.) * parts.get('part_loss', 0.))
+  if iou_terms:
+    parts['mask_iou_loss'] = sum(iou_terms) / 2
+    loss = loss + model_config.mask_iou_loss_weight * parts['mask_iou_loss']
   return loss, {'transfer_loss': epe, 'match_loss': ce, 'mask_loss': masks, **parts}

@@ -1,9 +1,11 @@
 """Set prediction of instance masks (DETR, Mask2Former): predicted masks matched to the true instances
-by the Hungarian algorithm, and the loss of the matched masks and of every query's objectness."""
+by the Hungarian algorithm, the loss of the matched masks and of every query's objectness, and the loss of
+the masks' predicted IoU (Mask Scoring R-CNN)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.optimize
 
 
@@ -60,3 +62,23 @@ def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0., no_
   bce = jnp.maximum(objectness, 0) - objectness * is_object + jnp.log1p(jnp.exp(-jnp.abs(objectness)))
   weight = is_object + no_object_weight * (1 - is_object)
   return matched + (bce * weight).sum(-1) / weight.sum(-1), match
+
+
+def matched_mask_iou(logits, gt, match, gt_valid):
+  """IoU of each query's mask (logits > 0) [B, Q, H, W] with the truth [B, G, H, W] (cell fractions) it
+  is matched to (`match` [B, G] from `mask_loss`), 0 for a query matched to none -> [B, Q]."""
+  pred = (logits > 0).astype(jnp.float32).reshape(*logits.shape[:2], -1)
+  true = gt.reshape(*gt.shape[:2], -1)
+  inter = jnp.einsum('bqn,bgn->bqg', pred, true)
+  union = pred.sum(-1)[..., None] + true.sum(-1)[:, None] - inter
+  iou = inter / jnp.maximum(union, 1e-6)
+  assigned = (match[:, None, :] == jnp.arange(logits.shape[1])[None, :, None]) & gt_valid[:, None, :]
+  return (iou * assigned).sum(-1)
+
+
+def mask_iou_loss(iou_logits, logits, gt, match, gt_valid):
+  """BCE of the predicted IoU logits [B, Q] against `matched_mask_iou` -> per pair [B]. An unmatched
+  query's target is 0, even where its mask duplicates a matched one: AP counts a duplicate as a false
+  detection, so it should rank low."""
+  target = jax.lax.stop_gradient(matched_mask_iou(logits, gt, match, gt_valid))
+  return optax.sigmoid_binary_cross_entropy(iou_logits, target).mean(-1)
