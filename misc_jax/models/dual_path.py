@@ -18,6 +18,9 @@ The paths exchange information, each exchange behind a config switch (for ablati
 - `mask_stride`: the masks are drawn on a grid finer than the feature grid (`mask_grid`): the cell
   features, upsampled, plus a small convolutional stem on the image (`PixelStem`) that sees the edges the
   feature grid blurs. The transfer is still restricted on the feature grid (the masks averaged onto it).
+- `query_self_attention`: the queries attend to each other as well as to the cells (DETR's decoder).
+- `mask_iou_head` (`mask_iou_loss_weight` > 0): a MaskIoU head (Mask Scoring R-CNN) predicts each mask's
+  IoU with its instance, to rank the detections; it reads the model behind a stop-gradient.
 - always, when the co-segmentation path is on: a source instance's keypoints are transferred into one
   target instance at a time, by restricting the transfer's softmax over the target cells to that instance's
   mask (`restrict`): scores + beta * log(mask), i.e. the match probabilities times the mask.
@@ -25,8 +28,8 @@ The paths exchange information, each exchange behind a config switch (for ablati
 instance, and cannot tell target instances apart.
 
 Losses (weights in config.model): masks on the mask grid, predicted instances matched to the true ones by
-the Hungarian algorithm on BCE + Dice cost, BCE + Dice on matched pairs and BCE on objectness
-(models/instance_matching.py); keypoint transfer (EPE in image sides, plus the match cross-entropy,
+the Hungarian algorithm on BCE + Dice cost, BCE + Dice on matched pairs and BCE on objectness, with the
+head the BCE of each mask's predicted IoU (models/instance_matching.py); keypoint transfer (EPE in image sides, plus the match cross-entropy,
 supervision.match_loss) for every (true source instance, true target instance) pair, restricted to the
 predicted mask matched to the target instance, so that correspondence errors reach the mask path too
 (`transfer_on='predicted'`), or to the instance's true mask (`'true'`: the correspondence path learns as
