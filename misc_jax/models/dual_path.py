@@ -29,11 +29,11 @@ instance, and cannot tell target instances apart.
 
 Losses (weights in config.model): masks on the mask grid, predicted instances matched to the true ones by
 the Hungarian algorithm on BCE + Dice cost, BCE + Dice on matched pairs and BCE on objectness, with the
-head the BCE of each mask's predicted IoU (models/instance_matching.py); keypoint transfer (EPE in image sides, plus the match cross-entropy,
-supervision.match_loss) for every (true source instance, true target instance) pair, restricted to the
-predicted mask matched to the target instance, so that correspondence errors reach the mask path too
-(`transfer_on='predicted'`), or to the instance's true mask (`'true'`: the correspondence path learns as
-with the instances given, and the masks learn from their own loss alone).
+head the BCE of each mask's predicted IoU (models/instance_matching.py); keypoint transfer (EPE in image
+sides, plus the match cross-entropy, supervision.match_loss) for every (true source instance, true target
+instance) pair, restricted to the predicted mask matched to the target instance, so that correspondence
+errors reach the mask path too (`transfer_on='predicted'`), or to the instance's true mask (`'true'`: the
+correspondence path learns as with the instances given, and the masks learn from their own loss alone).
 """
 
 import flax.linen as nn
