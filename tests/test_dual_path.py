@@ -194,7 +194,7 @@ def test_misc_evaluator_on_a_two_instance_pair():
 def test_mask_score_is_the_mean_probability_inside_the_mask():
   logits = jnp.array([[[2., -1.], [0.5, -3.]], [[-1., -2.], [-3., -4.]]])  # a mask of 2 pixels; an empty one
   expected = (jax.nn.sigmoid(2.) + jax.nn.sigmoid(0.5)) / 2
-  np.testing.assert_allclose(misc.mask_scores(logits), [expected, 0.], rtol=1e-6)
+  np.testing.assert_allclose(instance_matching.mask_scores(logits), [expected, 0.], rtol=1e-6)
 
 
 def test_average_precision_by_hand():

@@ -7,7 +7,7 @@ true instances by the Hungarian algorithm on IoU;
 - `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO ranks all
   detections (greedy matching, all-point interpolation), pooled over the split, by objectness x the
   mask's predicted IoU (Mask Scoring R-CNN's ranking; `config.model.mask_iou_loss_weight` > 0), or without
-  that head objectness x mask score (the mean probability inside the mask: Mask2Former's, `mask_scores`);
+  that head objectness x mask score (the mean probability inside the mask: Mask2Former's, `instance_matching.mask_scores`);
   it does not depend on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
@@ -30,6 +30,7 @@ import scipy.optimize
 
 from misc_jax import input_pipeline
 from misc_jax.models import dual_path
+from misc_jax.models import instance_matching
 from misc_jax.models import kbcnet
 
 matplotlib.use('Agg')
@@ -58,18 +59,11 @@ def eval_step(state, batch, *, config):
     pixels = dual_path.upsample_masks(logits, size, dual_path.mask_grid(config.model))  # [2, B, Q, S, S]
     result['masks'] = pixels > 0
     result['objectness'] = jax.nn.sigmoid(out['objectness'])  # [2, B, Q]
-    quality = jax.nn.sigmoid(out['mask_iou']) if 'mask_iou' in out else mask_scores(pixels)
+    quality = jax.nn.sigmoid(out['mask_iou']) if 'mask_iou' in out else instance_matching.mask_scores(pixels)
     result['detection_scores'] = result['objectness'] * quality
   else:
     result['queries'] = transfer(jnp.ones((scores.shape[0], 1, grid, grid)))  # [B, 1, I, K, 2]
   return result
-
-
-def mask_scores(logits):
-  """Mask logits [..., H, W] -> how sure each mask is of itself [...]: the mean probability over the pixels
-  it covers (Mask2Former's mask score; 0 for an empty mask)."""
-  inside = logits > 0
-  return (jax.nn.sigmoid(logits) * inside).sum((-2, -1)) / jnp.maximum(inside.sum((-2, -1)), 1)
 
 
 def mask_iou(pred, gt):

@@ -171,10 +171,10 @@ class DualPath(nn.Module):
     the features its mask covers, the mask's area and mean confidence, all behind a stop-gradient: it
     ranks the masks and does not change them."""
     dtype = jnp.dtype(self.dtype)
-    probs = jax.nn.sigmoid(logits.astype(jnp.float32))
-    inside = (logits > 0).astype(jnp.float32)
-    area = inside.mean(-1, keepdims=True)
-    confidence = (probs * inside).sum(-1, keepdims=True) / jnp.maximum(inside.sum(-1, keepdims=True), 1)
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.sigmoid(logits)
+    area = (logits > 0).mean(-1, keepdims=True)
+    confidence = instance_matching.mask_scores(logits, axes=-1)[..., None]
     covered = jnp.einsum('bqn,bnc->bqc', probs, pixels.astype(jnp.float32)) / (
         probs.sum(-1, keepdims=True) + 1e-6)
     x = jax.lax.stop_gradient(jnp.concatenate(

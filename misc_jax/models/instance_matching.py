@@ -64,6 +64,13 @@ def mask_loss(logits, objectness, gt, gt_valid, objectness_cost: float = 0., no_
   return matched + (bce * weight).sum(-1) / weight.sum(-1), match
 
 
+def mask_scores(logits, axes=(-2, -1)):
+  """Mask logits [..., H, W] -> how sure each mask is of itself [...]: the mean probability over the pixels
+  it covers (Mask2Former's mask score; 0 for an empty mask). `axes`: the mask's pixel axes."""
+  inside = logits > 0
+  return (jax.nn.sigmoid(logits) * inside).sum(axes) / jnp.maximum(inside.sum(axes), 1)
+
+
 def matched_mask_iou(logits, gt, match, gt_valid):
   """IoU of each query's mask (logits > 0) [B, Q, H, W] with the truth [B, G, H, W] (cell fractions) it
   is matched to (`match` [B, G] from `mask_loss`), 0 for a query matched to none -> [B, Q]."""
