@@ -189,6 +189,28 @@ def test_misc_evaluator_on_a_two_instance_pair():
   reranked = misc.summarize(misc.pair_records(batch, out, config), config)
   assert reranked['ap50'] == pytest.approx(0.75)
   assert reranked['miou'] == metrics['miou'] and reranked['pck@0.1'] == metrics['pck@0.1']
+  # A duplicate of b (target query 2) ranked 0.85, above the half of a (0.8): a false positive before the
+  # last true one, AP 2/3 + 1/3 x 3/4. Matrix NMS decays it to 0.85 / e^2, below every true detection.
+  out['detection_scores'][0, 0, 1] = 0.3
+  out['masks'][1, 0, 2], out['detection_scores'][1, 0, 2] = b, 0.85
+  config.eval.matrix_nms_sigma = 0.
+  assert misc.summarize(misc.pair_records(batch, out, config), config)['ap50'] == pytest.approx(2 / 3 + 1 / 4)
+  config.eval.matrix_nms_sigma = 2.
+  assert misc.summarize(misc.pair_records(batch, out, config), config)['ap50'] == pytest.approx(1.0)
+
+
+def test_matrix_nms_by_hand():
+  """Three 2 x 4 strips, each overlapping the next by half (IoU 1/3 between neighbours, 0 for the ends)."""
+  a, b, c = _rect((0, 2), (0, 4)), _rect((0, 2), (2, 6)), _rect((0, 2), (4, 8))
+  masks, scores = np.stack([c, a, b]), np.array([0.7, 0.9, 0.8])
+  decayed = misc.matrix_nms(scores, masks, sigma=2.)
+  # a ranks first; b loses exp(-2 / 9) to a; c overlaps b alone, by as much as b overlaps a, so b's decay
+  # of c is compensated in full.
+  np.testing.assert_allclose(decayed, [0.7, 0.9, 0.8 * np.exp(-2 / 9)])
+  # An exact duplicate of a, ranked second, loses exp(-2); b and c then keep their scores as above.
+  with_copy = misc.matrix_nms(np.array([0.9, 0.85, 0.8, 0.7]), np.stack([a, a, b, c]), sigma=2.)
+  np.testing.assert_allclose(with_copy, [0.9, 0.85 * np.exp(-2), 0.8 * np.exp(-2 / 9), 0.7])
+  np.testing.assert_array_equal(misc.matrix_nms(scores, masks, sigma=0.), scores)
 
 
 def test_mask_score_is_the_mean_probability_inside_the_mask():

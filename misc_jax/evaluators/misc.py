@@ -8,7 +8,9 @@ true instances by the Hungarian algorithm on IoU;
   detections (greedy matching, all-point interpolation), pooled over the split, by objectness x the
   mask's predicted IoU (Mask Scoring R-CNN's ranking; `config.model.mask_iou_loss_weight` > 0), or without
   that head objectness x mask score (the mean probability inside the mask: Mask2Former's, `instance_matching.mask_scores`);
-  it does not depend on the threshold.
+  each score then decays by its mask's overlap with better-ranked masks (`matrix_nms`, SOLOv2's, strength
+  `config.eval.matrix_nms_sigma`; 0 or absent: off), so a duplicate ranks below the distinct detections.
+  AP does not depend on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
@@ -111,6 +113,21 @@ def average_precision(scores, tp, num_truths):
   return float((steps * envelope).sum())
 
 
+def matrix_nms(scores, masks, sigma):
+  """SOLOv2's Matrix NMS: detection scores [P] decay by the overlap of each mask (bool [P, H, W]) with the
+  better-ranked ones, by exp(-sigma IoU^2), less the decay that better mask takes itself (a mask suppressed
+  by a third one suppresses less) -> scores [P]. sigma 0 returns the scores unchanged."""
+  if not sigma or len(scores) < 2:
+    return scores
+  order = np.argsort(-scores, kind='stable')
+  iou = np.triu(mask_iou(masks[order], masks[order]), k=1)  # [i, j]: i ranked above j
+  own = iou.max(0)  # each mask's largest overlap with a better-ranked one
+  decay = np.exp(-sigma * (iou ** 2 - own[:, None] ** 2)).min(0)
+  out = np.empty_like(scores)
+  out[order] = scores[order] * decay
+  return out
+
+
 def pair_pck(pred, gt, valid, bbox, alphas):
   """PCK of one instance pair: pred, gt [K, 2], valid [K], bbox (x1, y1, x2, y2) -> [A]."""
   threshold = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
@@ -143,9 +160,10 @@ def pair_records(batch, out, config):
           continue
         nonempty = np.flatnonzero(out['masks'][s, n].any((1, 2)))
         iou_all = mask_iou(out['masks'][s, n][nonempty], truths)
-        # AP ranks every detection, as COCO does, by objectness x mask score (Mask2Former's ranking);
-        # mIoU and PCK take the queries above the objectness threshold.
-        scores = out['detection_scores'][s, n, nonempty]
+        # AP ranks every detection, as COCO does, by objectness x mask score (Mask2Former's ranking) after
+        # Matrix NMS; mIoU and PCK take the queries above the objectness threshold.
+        scores = matrix_nms(out['detection_scores'][s, n, nonempty], out['masks'][s, n][nonempty],
+                            config.eval.get('matrix_nms_sigma', 0.))  # 0 in runs before it
         rec['scores'][n, s, nonempty] = scores
         rec['tp'][n, s, nonempty] = greedy_true_positives(scores, iou_all)
         keep = out['objectness'][s, n, nonempty] > config.eval.objectness_threshold
