@@ -16,8 +16,8 @@ restricted to the true instead of the predicted masks), --config.model.objectnes
 the matching cost), --config.model.no_object_weight=1.0 (the unmatched queries' objectness weighs as
 much as the matched ones'), --config.model.mask_stride=0 (masks on the feature grid),
 --config.model.mask_iou_loss_weight=1.0 (a MaskIoU head ranks the detections),
---config.model.query_self_attention=True (the queries see each other). Not yet measured on
-MISC210K: no copy here.
+--config.model.query_self_attention=True (the queries see each other), --config.eval.matrix_nms_sigma=0
+(AP ranks the detections without Matrix NMS). Not yet measured on MISC210K: no copy here.
 """
 
 from configs import common
