@@ -56,7 +56,7 @@ def _dual_path(config):
   config.kbc.eval = False  # the multi-instance evaluator has no KBC pass
   config.eval.objectness_threshold = 0.5
   # AP's ranking: each detection's score decays by its mask's overlap with better-ranked masks (SOLOv2's
-  # Matrix NMS at its paper's sigma 2; 0: off). +0.3 to +0.7 AP@0.5 on the synthetic data (docs/misc.md).
+  # Matrix NMS at its paper's sigma 2; 0: off). +0.3 to +0.8 AP@0.5 on six synthetic trainings (docs/misc.md).
   config.eval.matrix_nms_sigma = 2.0
   config.eval.threshold = 'bbox'      # the target instance's box
   return config

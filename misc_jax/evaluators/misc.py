@@ -7,10 +7,10 @@ true instances by the Hungarian algorithm on IoU;
 - `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO ranks all
   detections (greedy matching, all-point interpolation), pooled over the split, by objectness x the
   mask's predicted IoU (Mask Scoring R-CNN's ranking; `config.model.mask_iou_loss_weight` > 0), or without
-  that head objectness x mask score (the mean probability inside the mask: Mask2Former's, `instance_matching.mask_scores`);
-  each score then decays by its mask's overlap with better-ranked masks (`matrix_nms`, SOLOv2's, strength
-  `config.eval.matrix_nms_sigma`; 0 or absent: off), so a duplicate ranks below the distinct detections.
-  AP does not depend on the threshold.
+  that head objectness x mask score (the mean probability inside the mask: Mask2Former's,
+  `instance_matching.mask_scores`); each score then decays by its mask's overlap with better-ranked masks
+  (`matrix_nms`, SOLOv2's, strength `config.eval.matrix_nms_sigma`; 0 or absent: off), so a duplicate
+  ranks below the distinct detections. AP does not depend on the threshold.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
