@@ -120,7 +120,8 @@ def matrix_nms(scores, masks, sigma):
   if not sigma or len(scores) < 2:
     return scores
   order = np.argsort(-scores, kind='stable')
-  iou = np.triu(mask_iou(masks[order], masks[order]), k=1)  # [i, j]: i ranked above j
+  ranked = masks[order]
+  iou = np.triu(mask_iou(ranked, ranked), k=1)  # [i, j]: i ranked above j
   own = iou.max(0)  # each mask's largest overlap with a better-ranked one
   decay = np.exp(-sigma * (iou ** 2 - own[:, None] ** 2)).min(0)
   out = np.empty_like(scores)
@@ -159,10 +160,11 @@ def pair_records(batch, out, config):
         if not side['has_masks'][n]:
           continue
         nonempty = np.flatnonzero(out['masks'][s, n].any((1, 2)))
-        iou_all = mask_iou(out['masks'][s, n][nonempty], truths)
-        # AP ranks every detection, as COCO does, by objectness x mask score (Mask2Former's ranking) after
-        # Matrix NMS; mIoU and PCK take the queries above the objectness threshold.
-        scores = matrix_nms(out['detection_scores'][s, n, nonempty], out['masks'][s, n][nonempty],
+        masks = out['masks'][s, n][nonempty]
+        iou_all = mask_iou(masks, truths)
+        # AP ranks every detection, as COCO does, by its detection score (`eval_step`) after Matrix NMS;
+        # mIoU and PCK take the queries above the objectness threshold.
+        scores = matrix_nms(out['detection_scores'][s, n, nonempty], masks,
                             config.eval.get('matrix_nms_sigma', 0.))  # 0 in runs before it
         rec['scores'][n, s, nonempty] = scores
         rec['tp'][n, s, nonempty] = greedy_true_positives(scores, iou_all)
