@@ -103,6 +103,9 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.kbc = ml_collections.ConfigDict()
   config.kbc.eval = False          # evaluate with a second pass on crops around the keypoints
   config.kbc.coarse_pass = True    # place the target crop by the first pass's predictions (else: no crop)
+  # Frame the target crop by the coarse predictions within this x the source keypoints' box side of their
+  # median (kbc.agreeing; 0: by all of them). For several target instances: docs/kbc.md.
+  config.kbc.coarse_radius = 0.0
   config.kbc.train_prob = 0.0      # fraction of training pairs seen through KBC crops (ground-truth boxes)
   config.kbc.margin = 0.1          # added to every side of the keypoint box, x its longer side
   config.kbc.fill = 0.8            # the enlarged box (with margin) fills this fraction of the input

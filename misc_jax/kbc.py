@@ -104,9 +104,18 @@ def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:
                       max_scale=c.max_scale, small_threshold=c.small_threshold)
 
 
+def agreeing(points, valid, radius):
+  """Which valid points [B, N, 2] lie within `radius` [B] (pixels) of the points' median [B, N]; every
+  valid one where none does. A coarse pass scatters one instance's keypoints over several target
+  instances and wrong parts; the box of the ones that agree frames the instance most of them found."""
+  median = jnp.nanmedian(jnp.where(valid[..., None], points, jnp.nan), axis=1)  # [B, 2]
+  near = valid & (jnp.linalg.norm(points - median[:, None], axis=-1) < radius[:, None])
+  return jnp.where(near.any(1, keepdims=True), near, valid)
+
+
 def ground_truth_crops(src_kps, src_valid, trg_kps, trg_valid, size: int, kbc_config):
   """Crops for training and figures: around the source keypoints [B, K, 2] and around the ground-truth
-  target keypoints [B, I, K, 2] of every target instance."""
+  keypoints [B, I, K, 2] of the target instances given (training gives one: train._kbc_crops)."""
   b = src_kps.shape[0]
   return (crop_for_config(src_kps, src_valid, size, kbc_config),
           crop_for_config(trg_kps.reshape(b, -1, 2), trg_valid.reshape(b, -1), size, kbc_config))
@@ -133,15 +142,21 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   apply(source_images, target_images) -> scores; transfer(scores, kps, valid) -> target keypoints (both
   in the network input's pixels). The source crop comes from the source keypoints [B, K, 2]. The target
   keypoints are unknown at test time: `coarse` (a first pass's predictions on the whole images) places the
-  target crop around their box; None leaves the target image uncropped. `full` (source, target): the same
+  target crop around the box of those that agree (`agreeing`, with kbc.coarse_radius; 0 takes them all);
+  None leaves the target image uncropped. `full` (source, target): the same
   views at a higher resolution (the input pipeline's `image_full`), which the crops are cut from, so an
   enlarged crop shows the stored image's detail instead of an upsampled blur. Returns target keypoints
   [B, K, 2] in the whole image's pixels (invalid ones unchanged).
   """
   size = source.shape[1]
   src_crop = crop_for_config(src_kps, src_valid, size, kbc_config)
-  trg_crop = (identity(source.shape[0]) if coarse is None
-              else crop_for_config(coarse, src_valid, size, kbc_config))
+  if coarse is None:
+    trg_crop = identity(source.shape[0])
+  else:  # around the coarse predictions that agree (kbc.coarse_radius x the source keypoints' box side)
+    radius, box = kbc_config.get('coarse_radius', 0.), keypoint_box(src_kps, src_valid)
+    side = jnp.max(box[:, 2:] - box[:, :2], axis=-1)  # [B]
+    box_valid = agreeing(coarse, src_valid, radius * side) if radius else src_valid
+    trg_crop = crop_for_config(coarse, box_valid, size, kbc_config)
   source, target = full or (source, target)
   scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))
   pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)

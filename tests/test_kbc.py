@@ -11,6 +11,7 @@ from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import train
 from misc_jax.models import kbcnet
+from misc_jax.models import supervision
 from misc_jax.ops import grid as grids
 
 SIZE = 64
@@ -106,6 +107,39 @@ def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
   np.testing.assert_array_equal(pred[~valid], kps[~valid])
 
 
+def test_agreeing_keeps_the_points_near_their_median():
+  points = jnp.array([[[10., 10.], [12., 11.], [11., 13.], [60., 60.], [11., 11.]]])
+  valid = jnp.array([[True, True, True, True, False]])
+  np.testing.assert_array_equal(kbc.agreeing(points, valid, jnp.array([5.])), [[1, 1, 1, 0, 0]])
+  # None within the radius: every valid point, so the box stays the coarse pass's own.
+  np.testing.assert_array_equal(kbc.agreeing(points, valid, jnp.array([0.1])), valid)
+
+
+def test_a_stray_coarse_prediction_does_not_move_the_target_crop():
+  """With kbc.coarse_radius, the target crop is framed by the coarse predictions that agree: a stray one
+  (another instance) leaves it where the rest put it, so the identity model maps every keypoint back."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.kbcnet_config('kbcnet_tiny', 'synthetic_misc/tiny', image_size=SIZE).kbc
+  grid = SIZE // 8
+  eye = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
+  apply = lambda source, target: jnp.broadcast_to(eye, (source.shape[0],) + eye.shape[1:]) * 100.
+  transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE,
+                                                                 grid=grids.resnet(8), beta=1.)
+  kps = np.array([[[20., 22.], [26., 25.], [23., 30.], [23., 25.]]], np.float32)
+  valid = np.ones((1, 4), bool)
+  coarse = kps.copy()
+  coarse[0, 3] = [55., 58.]  # the fourth keypoint's coarse match landed on another instance
+  images = jnp.zeros((1, SIZE, SIZE, 3))
+  errors = {}
+  for radius in (0., 1.):
+    with config.unlocked():
+      config.coarse_radius = radius
+    pred = kbc.predict(apply, transfer, images, images, kps, valid, coarse, config)
+    errors[radius] = np.abs(np.asarray(pred) - kps).max()
+  assert errors[1.] < 0.2  # the crop around the three that agree: the source's own
+  assert errors[0.] > 2.  # the crop stretched to the stray: the maps no longer cancel
+
+
 def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
   batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)  # all devices' pairs
@@ -126,6 +160,30 @@ def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   np.testing.assert_allclose(out['source']['keypoints'][i, 0],
                              kbc.to_crop(batch['source']['keypoints'][i:i + 1, 0],
                                          jax.tree.map(lambda v: v[i:i + 1], src_crop))[0], atol=1e-4)
+
+
+def test_train_time_target_crop_frames_one_target_instance(smoke_config):
+  """As at test time (the instance the coarse predictions agree on), a training pair's target crop frames
+  the keypoints of one of its target instances, not the box of all of them."""
+  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
+  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+  batch['source']['instance_valid'][:, 1:] = False  # source instance 0 is the one picked
+  b = batch['valid'].shape[0]
+  with smoke_config.unlocked():
+    smoke_config.kbc.train_prob = 1.
+  out = train._kbc_crops(batch, jax.random.split(jax.random.key(0), b), smoke_config)  # pylint: disable=protected-access
+  _, _, kps, valid, _ = supervision.instance_targets(batch)  # the matches of instance 0's keypoints
+  crop_of = lambda points, mask: kbc.crop_for_config(points, mask, SIZE, smoke_config.kbc)
+  seen_through = lambda crop: np.asarray(kbc.to_crop(kps, crop))
+  several = 0
+  for i in range(b):
+    got = out['target']['keypoints'][i][valid[i]]
+    per_instance = [seen_through(crop_of(kps[:, j], valid[:, j]))[i][valid[i]]
+                    for j in range(kps.shape[1]) if valid[i, j].any()]
+    assert any(np.allclose(got, want, atol=1e-4) for want in per_instance), i
+    all_of_them = seen_through(crop_of(kps.reshape(b, -1, 2), valid.reshape(b, -1)))[i][valid[i]]
+    several += len(per_instance) > 1 and not np.allclose(got, all_of_them, atol=1e-4)
+  assert several  # pairs with several target instances exist, and their crop is not the box of all
 
 
 def test_crops_mask_the_keypoints_they_cut_off():
