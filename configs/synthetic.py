@@ -5,7 +5,7 @@ r"""The default demo: KBCNet-tiny fine-tuned on the embedded synthetic dataset f
 
 The first run builds synthetic_misc/default (about 50-75 s on 2 cores), then trains 900 steps from the
 trunk in misc_jax/assets/synthetic_trunk.msgpack (decoder and heads fresh) and evaluates once, with KBC's
-second pass: validation PCK@0.1 (bbox) 31.5%, 24.2% before the first step (docs/training.md, with the
+second pass: validation PCK@0.1 (bbox) 31.8%, 22.0% before the first step (docs/training.md, with the
 times measured from fresh clones; the target was 60%).
 
   python -m misc_jax.main --config configs/synthetic.py:pretrain --workdir runs/pretrain  # about 57 minutes
@@ -53,11 +53,10 @@ def get_config(arg: str | None = None):
     # step 4,000 (docs/training.md). One evaluation, at the end: the second pass doubles its cost.
     config.kbc.eval = True
     # Several target instances answer each keypoint, so the coarse pass scatters over them: the target crop
-    # frames the predictions that agree, enlarged at most 2x (objects here span 12-60% of the side); and
-    # half the training pairs are seen through such crops, the target's around one instance. PCK@0.1 31.5 /
-    # 30.9% (seeds 0 / 1) against 21.4 / 20.8% with neither (docs/kbc.md).
+    # frames the predictions that agree, and half the training pairs are seen through such crops, the
+    # target's around one instance. PCK@0.1 31.8 / 32.5% (seeds 0 / 1) against 21.4 / 20.8% with neither
+    # (docs/kbc.md).
     config.kbc.coarse_radius = 0.5
-    config.kbc.max_scale = 2.0
     config.kbc.train_prob = 0.5
     # 900 steps, not the 1,200 of :scratch: the README command (install and dataset build included) must
     # finish in 10 minutes on 2 cores, and with 1,200 it took up to 11.5. The cost: PCK@0.1 21.4 / 20.8%
