@@ -235,8 +235,8 @@ def _kbc_crops(batch, keys, config):
   """KBC as augmentation: with probability config.kbc.train_prob a pair is seen through crops around the
   keypoints of a random annotated source instance (moved to slot 0) and around the ground-truth keypoints
   of one random target instance: at test time the target crop frames the instance the coarse pass agrees
-  on (kbc.agreeing), not all of them (docs/kbc.md: 31.5 / 30.9% PCK@0.1 against 27.0 / 26.3%). keys: one
-  per pair."""
+  on (kbc.agreeing), not all of them (docs/kbc.md: 31.5 / 30.9% PCK@0.1 against 27.0 / 26.3% at 2x).
+  keys: one per pair."""
   logits = jnp.where(batch['source']['instance_valid'], 0., -jnp.inf)
   pick = jax.vmap(jax.random.categorical)(keys, logits)  # [B]
   batch = dict(batch, source=_move_to_front(batch['source'], pick))

@@ -171,7 +171,8 @@ def test_train_time_target_crop_frames_one_target_instance(smoke_config):
   b = batch['valid'].shape[0]
   with smoke_config.unlocked():
     smoke_config.kbc.train_prob = 1.
-  out = train._kbc_crops(batch, jax.random.split(jax.random.key(0), b), smoke_config)  # pylint: disable=protected-access
+  keys = jax.random.split(jax.random.key(0), b)
+  out = train._kbc_crops(batch, keys, smoke_config)  # pylint: disable=protected-access
   _, _, kps, valid, _ = supervision.instance_targets(batch)  # the matches of instance 0's keypoints
   crop_of = lambda points, mask: kbc.crop_for_config(points, mask, SIZE, smoke_config.kbc)
   seen_through = lambda crop: np.asarray(kbc.to_crop(kps, crop))
