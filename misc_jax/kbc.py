@@ -105,9 +105,9 @@ def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:
 
 
 def agreeing(points, valid, radius):
-  """Which valid points [B, N, 2] lie within `radius` [B] (pixels) of the points' median [B, N]; every
-  valid one where none does. A coarse pass scatters one instance's keypoints over several target
-  instances and wrong parts; the box of the ones that agree frames the instance most of them found."""
+  """[B, N] bool: the valid points [B, N, 2] within `radius` [B] pixels of their median, or every valid
+  one where none is. A coarse pass scatters one instance's keypoints over several target instances and
+  wrong parts; the box of the ones that agree frames the instance most of them found."""
   median = jnp.nanmedian(jnp.where(valid[..., None], points, jnp.nan), axis=1)  # [B, 2]
   near = valid & (jnp.linalg.norm(points - median[:, None], axis=-1) < radius[:, None])
   return jnp.where(near.any(1, keepdims=True), near, valid)
@@ -143,10 +143,10 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   in the network input's pixels). The source crop comes from the source keypoints [B, K, 2]. The target
   keypoints are unknown at test time: `coarse` (a first pass's predictions on the whole images) places the
   target crop around the box of those that agree (`agreeing`, with kbc.coarse_radius; 0 takes them all);
-  None leaves the target image uncropped. `full` (source, target): the same
-  views at a higher resolution (the input pipeline's `image_full`), which the crops are cut from, so an
-  enlarged crop shows the stored image's detail instead of an upsampled blur. Returns target keypoints
-  [B, K, 2] in the whole image's pixels (invalid ones unchanged).
+  None leaves the target image uncropped. `full` (source, target): the same views at a higher resolution
+  (the input pipeline's `image_full`), which the crops are cut from, so an enlarged crop shows the stored
+  image's detail instead of an upsampled blur. Returns target keypoints [B, K, 2] in the whole image's
+  pixels (invalid ones unchanged).
   """
   size = source.shape[1]
   src_crop = crop_for_config(src_kps, src_valid, size, kbc_config)

@@ -89,8 +89,8 @@ def test_a_dot_stays_on_its_keypoint():
     np.testing.assert_allclose(centroid, kbc.to_crop(kps, crop)[0, 0], atol=0.05)
 
 
-def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
-  """Through an identity score volume, the crops' maps must cancel: the plumbing of kbc.predict."""
+def _identity_model():
+  """config.kbc, and apply / transfer functions of a model whose scores map every cell onto itself."""
   from configs import common  # pylint: disable=g-import-not-at-top
   config = common.kbcnet_config('kbcnet_tiny', 'synthetic_misc/tiny', image_size=SIZE).kbc
   grid = SIZE // 8
@@ -98,6 +98,12 @@ def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
   apply = lambda source, target: jnp.broadcast_to(eye, (source.shape[0],) + eye.shape[1:]) * 100.
   transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE,
                                                                  grid=grids.resnet(8), beta=1.)
+  return config, apply, transfer
+
+
+def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
+  """Through an identity score volume, the crops' maps must cancel: the plumbing of kbc.predict."""
+  config, apply, transfer = _identity_model()
   kps = np.array([[[20., 22.], [26., 25.], [23., 30.]]], np.float32)  # a small object
   valid = np.array([[True, True, False]])
   images = jnp.zeros((1, SIZE, SIZE, 3))
@@ -118,13 +124,7 @@ def test_agreeing_keeps_the_points_near_their_median():
 def test_a_stray_coarse_prediction_does_not_move_the_target_crop():
   """With kbc.coarse_radius, the target crop is framed by the coarse predictions that agree: a stray one
   (another instance) leaves it where the rest put it, so the identity model maps every keypoint back."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.kbcnet_config('kbcnet_tiny', 'synthetic_misc/tiny', image_size=SIZE).kbc
-  grid = SIZE // 8
-  eye = jnp.eye(grid * grid).reshape(1, grid * grid, grid, grid)
-  apply = lambda source, target: jnp.broadcast_to(eye, (source.shape[0],) + eye.shape[1:]) * 100.
-  transfer = lambda scores, kps, valid: kbcnet.predict_keypoints(scores, kps, valid, SIZE,
-                                                                 grid=grids.resnet(8), beta=1.)
+  config, apply, transfer = _identity_model()
   kps = np.array([[[20., 22.], [26., 25.], [23., 30.], [23., 25.]]], np.float32)
   valid = np.ones((1, 4), bool)
   coarse = kps.copy()
