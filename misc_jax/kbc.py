@@ -36,6 +36,11 @@ def keypoint_box(kps, valid):
   return jnp.where(any_valid, jnp.concatenate([lo, hi], axis=-1), 0.)
 
 
+def longer_side(box):
+  """The longer side [B] of boxes [B, 4] (x0, y0, x1, y1)."""
+  return jnp.max(box[:, 2:] - box[:, :2], axis=-1)
+
+
 def crop_for_box(box, has_box, size: int, *, margin: float, fill: float, max_scale: float,
                  small_threshold: float) -> Crop:
   """The crop that makes `box` [B, 4] (plus `margin` x its longer side on every side) fill a `fill`
@@ -44,7 +49,7 @@ def crop_for_box(box, has_box, size: int, *, margin: float, fill: float, max_sca
   Pairs without a box (`has_box` [B] False) or with a box whose longer side is at least
   `small_threshold` x size (not a small object) get the identity crop.
   """
-  side = jnp.max(box[:, 2:] - box[:, :2], axis=-1)  # [B]
+  side = longer_side(box)
   padded = side * (1 + 2 * margin)
   scale = jnp.clip(fill * size / jnp.maximum(padded, 1e-6), 1., max_scale)
   scale = jnp.where(has_box & (side < small_threshold * size), scale, 1.)
@@ -153,9 +158,9 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   if coarse is None:
     trg_crop = identity(source.shape[0])
   else:  # around the coarse predictions that agree (kbc.coarse_radius x the source keypoints' box side)
-    radius, box = kbc_config.get('coarse_radius', 0.), keypoint_box(src_kps, src_valid)
-    side = jnp.max(box[:, 2:] - box[:, :2], axis=-1)  # [B]
-    box_valid = agreeing(coarse, src_valid, radius * side) if radius else src_valid
+    radius = kbc_config.get('coarse_radius', 0.)
+    box_valid = (agreeing(coarse, src_valid, radius * longer_side(keypoint_box(src_kps, src_valid)))
+                 if radius else src_valid)
     trg_crop = crop_for_config(coarse, box_valid, size, kbc_config)
   source, target = full or (source, target)
   scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))

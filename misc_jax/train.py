@@ -245,12 +245,12 @@ def _kbc_crops(batch, keys, config):
   use = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), config.kbc.train_prob))(keys)
   target_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
   j = jax.vmap(jax.random.categorical)(target_keys, jnp.where(valid.any(-1), 0., -jnp.inf))  # [B]
-  one = lambda x: jnp.take_along_axis(x, j.reshape((b,) + (1,) * (x.ndim - 1)), 1)  # [B, 1, ...]
+  trg_kps, valid = supervision.take_instance(trg_kps, j), supervision.take_instance(valid, j)  # [B, K, ...]
   identity = kbc.identity(b)
   chosen = lambda crop: kbc.Crop(*(jnp.where(use.reshape((b,) + (1,) * (c.ndim - 1)), c, i)
                                    for c, i in zip(crop, identity)))
-  src_crop, trg_crop = map(chosen, kbc.ground_truth_crops(src_kps, src_valid, one(trg_kps), one(valid),
-                                                          size, config.kbc))
+  src_crop, trg_crop = map(chosen, kbc.ground_truth_crops(src_kps, src_valid, trg_kps, valid, size,
+                                                          config.kbc))
   return dict(batch, source=kbc.crop_side(batch['source'], src_crop),
               target=kbc.crop_side(batch['target'], trg_crop))
 

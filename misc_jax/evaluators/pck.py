@@ -42,7 +42,7 @@ def predict(state, batch, *, model_module, config):
     pred = kbc.predict(apply, transfer, source, target, src_kps, src_valid,
                        pred if config.kbc.coarse_pass else None, config.kbc, full)
   _, best, _ = supervision.match_instances(pred, trg_kps, valid, size)
-  take = lambda x: jnp.take_along_axis(x, best.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
+  take = lambda x: supervision.take_instance(x, best)
   return {'src': src_kps, 'pred': pred, 'gt': take(trg_kps), 'valid': take(valid),
           'bbox': take(boxes)}
 

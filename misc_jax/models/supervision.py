@@ -61,6 +61,11 @@ def annotated(side):
   return side['keypoint_valid'] & side['instance_valid'][..., None]
 
 
+def take_instance(x, index):
+  """x [B, I, ...] at one instance per pair, index [B] -> [B, ...]."""
+  return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
+
+
 def match_instances(pred, trg_kps, valid, image_size: int):
   """pred [B, K, 2] against every target instance [B, I, K, 2] -> (normalised mean error of the closest
   instance [B], its index [B], whether the pair has any valid keypoint [B])."""
