@@ -106,6 +106,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   # Frame the target crop by the coarse predictions within this x the source keypoints' box side of their
   # median (kbc.agreeing; 0: by all of them). For several target instances: docs/kbc.md.
   config.kbc.coarse_radius = 0.0
+  config.kbc.passes = 1            # crop passes after the coarse one, zooming in to max_scale (kbc.predict)
   config.kbc.train_prob = 0.0      # fraction of training pairs seen through KBC crops (ground-truth boxes)
   config.kbc.margin = 0.1          # added to every side of the keypoint box, x its longer side
   config.kbc.fill = 0.8            # the enlarged box (with margin) fills this fraction of the input

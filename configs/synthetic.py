@@ -58,13 +58,16 @@ def get_config(arg: str | None = None):
     # (docs/kbc.md).
     config.kbc.coarse_radius = 0.5
     config.kbc.train_prob = 0.5
+    # Three crop passes zooming in (1.36x, 1.84x, 2.5x), each re-centred on the last one's predictions: the
+    # coarse pass places the crop off its instance often enough to cost 10 points (docs/kbc.md).
+    config.kbc.passes = 3
     # 900 steps, not the 1,200 of :scratch: the README command (install and dataset build included) must
     # finish in 10 minutes on 2 cores, and with 1,200 it took up to 11.5. The cost: PCK@0.1 21.4 / 20.8%
     # against 22.6 / 21.7% (seeds 0 / 1, the KBC settings of the time; docs/training.md).
     config.total_steps = 900
     config.eval_every_steps = config.total_steps
 
-  if arg in ('long', 'pretrain'):  # the long run of docs/training.md: 12,000 steps, about 75 min on 2 cores
+  if arg in ('long', 'pretrain', 'pretrain_kbc'):  # the long run of docs/training.md: 12,000 steps, ~75 min
     config.total_steps = 12000
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
@@ -74,9 +77,15 @@ def get_config(arg: str | None = None):
     config.model.match_loss_weight = 1.0
     config.model.part_loss_weight = 1.0
     config.model.num_parts = 5 * (12 + 49)  # categories x point slots
-  if arg == 'pretrain':  # the long recipe on 10x the training pairs (it overfits 2,000): the shipped trunk
+  if arg in ('pretrain', 'pretrain_kbc'):  # the long recipe on 10x the training pairs (it overfits 2,000)
     config.dataset.name = 'synthetic_misc/large'
     config.total_steps = 8000
+  if arg == 'pretrain_kbc':  # its second stage, from the first's trunk: half the pairs through KBC crops
+    config.total_steps = 6000
+    config.optim.lr = config.optim.backbone_lr = 1e-3
+    config.kbc.train_prob = 0.5
+    config.kbc.coarse_radius = 0.5
+    config.kbc.eval = True
 
   if arg == 'smoke':
     config.dataset.name = 'synthetic_misc/tiny'
@@ -89,7 +98,7 @@ def get_config(arg: str | None = None):
     config.input.max_instances = 3
     config.input.shuffle_buffer = 8
     config.optim.warmup_steps = 2
-  elif arg not in (None, '', 'scratch', 'long', 'pretrain'):
-    raise ValueError(f'unknown config argument {arg!r}; expected "smoke", "scratch", "long", "pretrain" '
-                     'or nothing')
+  elif arg not in (None, '', 'scratch', 'long', 'pretrain', 'pretrain_kbc'):
+    raise ValueError(f'unknown config argument {arg!r}; expected "smoke", "scratch", "long", "pretrain", '
+                     '"pretrain_kbc" or nothing')
   return config

@@ -4,7 +4,7 @@ Every dataset emits the schema of `misc_jax.features`; this module turns it into
 
   batch['source'|'target']:
     image          uint8   [D, B, S, S, 3]   S = config.input.image_size (D local devices, B per device)
-    image_full     uint8   [D, B, F, F, 3]   evaluation with KBC only: the view at F = kbc.max_scale x S
+    image_full     uint8   [D, B, F, F, 3]   with KBC only (kbc.eval, kbc.train_prob): the view at F = kbc.max_scale x S
     keypoints      float32 [D, B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
     keypoint_valid bool    [D, B, I, K]      visible and not padding
     bboxes         float32 [D, B, I, 4]      (x1, y1, x2, y2) pixels of the resized image
@@ -66,10 +66,12 @@ def _pad_to(x, size, axis, name, pair_id):
     return tf.pad(x, paddings)
 
 
-def full_resolution(config: ml_collections.ConfigDict) -> int:
-  """The side of `image_full`, the evaluation images KBC cuts its crops from: the network input enlarged
-  by kbc.max_scale, the most a crop enlarges (0 when KBC is off at evaluation)."""
-  return round(config.kbc.max_scale * config.input.image_size) if config.kbc.eval else 0
+def full_resolution(config: ml_collections.ConfigDict, train: bool = False) -> int:
+  """The side of `image_full`, the view KBC cuts its crops from: the network input enlarged by
+  kbc.max_scale, the most a crop enlarges (0 when KBC is off: kbc.eval at evaluation, kbc.train_prob in
+  training). Training crops cut from it look as the evaluation's do."""
+  use = config.kbc.train_prob if train else config.kbc.eval
+  return round(config.kbc.max_scale * config.input.image_size) if use else 0
 
 
 def _resize(image, size: int, keep_aspect: bool):
@@ -126,8 +128,7 @@ def preprocess_side(side, pair_id, config: ml_collections.ConfigDict, full_size:
     out['dense_points'].set_shape([max_i, max_p, 2])
     out['dense_valid'].set_shape([max_i, max_p])
   if full_size:
-    full, _ = _resize(tf.cast(side['image'], tf.float32), full_size, config.input.keep_aspect)
-    out['image_full'] = tf.cast(tf.round(full), tf.uint8)
+    out['image_full'], _ = _resize(tf.cast(side['image'], tf.float32), full_size, config.input.keep_aspect)
   return out
 
 
@@ -145,12 +146,13 @@ def preprocess(example, *, config: ml_collections.ConfigDict, train: bool, index
     decoded = example[side]
     if train and aug.box_crop:
       decoded = augment.box_crop(decoded, other_seed(1), aug.box_crop)
-    out[side] = preprocess_side(decoded, example['pair_id'], config, 0 if train else full_resolution(config))
-    if train and aug.photometric:
-      out[side]['image'] = augment.photometric(out[side]['image'], seed, aug)
-    if train and aug.cats_colour:
-      out[side]['image'] = augment.cats_colour(out[side]['image'], other_seed(2), aug.cats_colour)
-    out[side]['image'] = tf.cast(tf.round(out[side]['image']), tf.uint8)
+    out[side] = preprocess_side(decoded, example['pair_id'], config, full_resolution(config, train))
+    for view in ('image', 'image_full') if 'image_full' in out[side] else ('image',):  # the same draws
+      if train and aug.photometric:
+        out[side][view] = augment.photometric(out[side][view], seed, aug)
+      if train and aug.cats_colour:
+        out[side][view] = augment.cats_colour(out[side][view], other_seed(2), aug.cats_colour)
+      out[side][view] = tf.cast(tf.round(out[side][view]), tf.uint8)
   return out
 
 

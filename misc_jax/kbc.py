@@ -101,12 +101,12 @@ def resample(images, crop: Crop, size: int | None = None):
   return out.astype(images.dtype)
 
 
-def crop_for_config(kps, valid, size: int, kbc_config) -> Crop:
-  """The crop around the valid keypoints [B, N, 2], with config.kbc's margin, fill, max_scale and
-  small_threshold."""
+def crop_for_config(kps, valid, size: int, kbc_config, max_scale: float | None = None) -> Crop:
+  """The crop around the valid keypoints [B, N, 2], with config.kbc's margin, fill, max_scale (unless
+  given) and small_threshold."""
   c = kbc_config
   return crop_for_box(keypoint_box(kps, valid), valid.any(-1), size, margin=c.margin, fill=c.fill,
-                      max_scale=c.max_scale, small_threshold=c.small_threshold)
+                      max_scale=max_scale or c.max_scale, small_threshold=c.small_threshold)
 
 
 def agreeing(points, valid, radius):
@@ -129,11 +129,13 @@ def ground_truth_crops(src_kps, src_valid, trg_kps, trg_valid, size: int, kbc_co
 def crop_side(side, crop: Crop):
   """One side of a batch (input_pipeline layout: image [B, S, S, 3] uint8, keypoints [B, I, K, 2], bboxes
   [B, I, 4], masks [B, I, S, S] bool, dense_points [B, I, P, 2] if any) -> the same fields seen through the
-  crop. Points that leave the window are no longer valid (they keep their outside coordinates)."""
+  crop, the image cut from `image_full` where the side has it (as at evaluation: an enlarged crop keeps the
+  stored detail). Points that leave the window are no longer valid (they keep their outside coordinates)."""
   size = side['image'].shape[1]
   masks = resample(side['masks'].astype(jnp.float32).transpose(0, 2, 3, 1), crop) > 0.5
-  out = dict(side, image=resample(side['image'], crop), bboxes=boxes_to_crop(side['bboxes'], crop),
-             masks=masks.transpose(0, 3, 1, 2))
+  out = dict(side, image=resample(side.get('image_full', side['image']), crop, size),
+             bboxes=boxes_to_crop(side['bboxes'], crop), masks=masks.transpose(0, 3, 1, 2))
+  out.pop('image_full', None)
   for points, valid in (('keypoints', 'keypoint_valid'), ('dense_points', 'dense_valid')):
     if points in side:
       out[points] = to_crop(side[points], crop)
@@ -148,21 +150,28 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   in the network input's pixels). The source crop comes from the source keypoints [B, K, 2]. The target
   keypoints are unknown at test time: `coarse` (a first pass's predictions on the whole images) places the
   target crop around the box of those that agree (`agreeing`, with kbc.coarse_radius; 0 takes them all);
-  None leaves the target image uncropped. `full` (source, target): the same views at a higher resolution
-  (the input pipeline's `image_full`), which the crops are cut from, so an enlarged crop shows the stored
-  image's detail instead of an upsampled blur. Returns target keypoints [B, K, 2] in the whole image's
-  pixels (invalid ones unchanged).
+  None leaves the target image uncropped. With kbc.passes = n > 1 the crops zoom in over n passes, pass i
+  enlarging at most kbc.max_scale ** (i / n) around the previous pass's predictions: a target crop that
+  the coarse pass placed off its instance is re-centred before the closest view. `full` (source, target):
+  the same views at a higher resolution (the input pipeline's `image_full`), which the crops are cut from,
+  so an enlarged crop shows the stored image's detail instead of an upsampled blur. Returns target
+  keypoints [B, K, 2] in the whole image's pixels (invalid ones unchanged).
   """
   size = source.shape[1]
-  src_crop = crop_for_config(src_kps, src_valid, size, kbc_config)
-  if coarse is None:
-    trg_crop = identity(source.shape[0])
-  else:  # around the coarse predictions that agree (kbc.coarse_radius x the source keypoints' box side)
-    radius = kbc_config.get('coarse_radius', 0.)
-    box_valid = (agreeing(coarse, src_valid, radius * longer_side(keypoint_box(src_kps, src_valid)))
-                 if radius else src_valid)
-    trg_crop = crop_for_config(coarse, box_valid, size, kbc_config)
   source, target = full or (source, target)
-  scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))
-  pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)
-  return jnp.where(src_valid[..., None], pred, src_kps)
+  passes = kbc_config.get('passes', 1)
+  pred = coarse
+  for i in range(1, passes + 1):
+    max_scale = kbc_config.max_scale ** (i / passes)
+    src_crop = crop_for_config(src_kps, src_valid, size, kbc_config, max_scale)
+    if pred is None:
+      trg_crop = identity(src_kps.shape[0])
+    else:  # around the predictions that agree (kbc.coarse_radius x the source keypoints' box side)
+      radius = kbc_config.get('coarse_radius', 0.)
+      box_valid = (agreeing(pred, src_valid, radius * longer_side(keypoint_box(src_kps, src_valid)))
+                   if radius else src_valid)
+      trg_crop = crop_for_config(pred, box_valid, size, kbc_config, max_scale)
+    scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))
+    pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)
+    pred = jnp.where(src_valid[..., None], pred, src_kps)
+  return pred

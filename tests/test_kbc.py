@@ -113,6 +113,31 @@ def test_test_time_kbc_with_an_identity_model_returns_the_keypoints():
   np.testing.assert_array_equal(pred[~valid], kps[~valid])
 
 
+def test_passes_zoom_in_step_by_step_through_the_same_plumbing():
+  """kbc.passes = 3: three crops enlarging max_scale ** (1/3), ** (2/3) and max_scale (the widths of the
+  windows an x-ramp image shows), each around the previous pass's predictions; through the identity
+  model the keypoints still map onto themselves."""
+  config, apply, transfer = _identity_model()
+  with config.unlocked():
+    config.passes = 3
+  kps = np.array([[[30., 28.], [36., 31.], [33., 36.]]], np.float32)  # small: every pass is capped
+  valid = np.ones((1, 3), bool)
+  ramp = jnp.broadcast_to(jnp.arange(SIZE, dtype=jnp.float32)[None, None, :, None], (1, SIZE, SIZE, 3))
+  widths = []
+
+  def recording(source, target):
+    widths.append(float(source[0, SIZE // 2, -1, 0] - source[0, SIZE // 2, 0, 0]) + 1)
+    return apply(source, target)
+
+  pred = kbc.predict(recording, transfer, ramp, ramp, kps, valid, kps + 3., config)
+  want = [SIZE / config.max_scale ** (i / 3) for i in (1, 2, 3)]
+  np.testing.assert_allclose(widths, want, atol=1.)
+  np.testing.assert_allclose(pred, kps + 3., atol=0.2)  # the identity keeps the coarse shift...
+  config.passes = 1
+  once = kbc.predict(apply, transfer, ramp, ramp, kps, valid, kps + 3., config)
+  np.testing.assert_allclose(once, kps + 3., atol=0.2)  # ...as one pass does
+
+
 def test_agreeing_keeps_the_points_near_their_median():
   points = jnp.array([[[10., 10.], [12., 11.], [11., 13.], [60., 60.], [11., 11.]]])
   valid = jnp.array([[True, True, True, True, False]])
@@ -185,6 +210,28 @@ def test_train_time_target_crop_frames_one_target_instance(smoke_config):
     all_of_them = seen_through(crop_of(kps.reshape(b, -1, 2), valid.reshape(b, -1)))[i][valid[i]]
     several += len(per_instance) > 1 and not np.allclose(got, all_of_them, atol=1e-4)
   assert several  # pairs with several target instances exist, and their crop is not the box of all
+
+
+def test_training_crops_are_cut_from_the_full_resolution_view(smoke_config):
+  """With kbc.train_prob the training batches carry `image_full`, augmented with the image's own draws (at
+  the image's size the two are the same picture), and the training crops are cut from it, as KBC's
+  evaluation crops are (crops of the small image are blurrier than the ones the second pass is tested on)."""
+  with smoke_config.unlocked():
+    smoke_config.kbc.train_prob = 1.
+  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
+  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+  image, full = batch['source']['image'], batch['source']['image_full']
+  assert full.shape[1] == round(smoke_config.kbc.max_scale * SIZE)
+  down = np.asarray(jax.image.resize(full.astype(np.float32), image.shape, 'linear', antialias=True))
+  assert np.abs(down - image).mean() < 3  # the photometric jitter alone moves pixels by up to 25
+  assert np.abs(down - image[::-1]).mean() > 10
+  batch['source']['instance_valid'][:, 1:] = False  # the source crop frames instance 0
+  keys = jax.random.split(jax.random.key(0), image.shape[0])
+  out = train._kbc_crops(batch, keys, smoke_config)  # pylint: disable=protected-access
+  assert 'image_full' not in out['source']
+  src_kps, src_valid, *_ = supervision.instance_targets(batch)
+  want = kbc.resample(full, kbc.crop_for_config(src_kps, src_valid, SIZE, smoke_config.kbc), SIZE)
+  np.testing.assert_allclose(out['source']['image'], want, atol=1)
 
 
 def test_crops_mask_the_keypoints_they_cut_off():
