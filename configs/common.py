@@ -76,7 +76,8 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.fold_batchnorm = True  # frozen BatchNorm folded into the convolutions (models/resnet.py)
   config.model.backbone_init = placeholder(str)  # msgpack from misc_jax.tools.convert_resnet
   config.model.backbone_from_scratch = False     # True: allow a BatchNorm backbone without weights
-  config.model.trunk_init = placeholder(str)     # backbone + CSFA from misc_jax.tools.export_trunk
+  config.model.trunk_init = placeholder(str)     # a run's modules from misc_jax.tools.export_trunk...
+  config.model.trunk_modules = ('backbone', 'csfa')  # ...of which the model takes these (the trunk)
   config.model.init_from = placeholder(str)      # another run's workdir: start from its params
   config.model.init_from_checkpoint = 'latest'   # of that run: 'latest', 'best' or a step number
 

@@ -54,6 +54,7 @@ def _dual_path(config):
   config.model.no_object_weight = 0.1
   config.eval.evaluator = 'misc'
   config.kbc.eval = False  # the multi-instance evaluator has no KBC pass
+  config.kbc.train_prob = 0.0  # nor do its losses crop: the masks are of every instance in the whole image
   config.eval.objectness_threshold = 0.5
   # AP's ranking: each detection's score decays by its mask's overlap with better-ranked masks (SOLOv2's
   # Matrix NMS at its paper's sigma 2; 0: off). +0.3 to +0.8 AP@0.5 on six synthetic trainings (docs/misc.md).
@@ -68,6 +69,10 @@ def get_config(arg: str | None = None):
     config.model.num_queries = 6
     if arg == 'synthetic':  # 3,000 steps: 25 minutes alone on 2 CPU cores
       config.total_steps = 3000
+      # The trunk alone, at a fresh model's rate (the KBCNet demo fine-tunes a whole pretrained one).
+      config.model.trunk_init = synthetic.PRETRAINED_TRUNK
+      config.model.trunk_modules = ('backbone', 'csfa')
+      config.optim.lr = config.optim.backbone_lr = 2e-3
       config.eval_every_steps = 750  # the KBCNet demo evaluates once, for KBC's cost
     config.model.mask_dim = 32
     return config

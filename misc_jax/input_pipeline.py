@@ -4,7 +4,8 @@ Every dataset emits the schema of `misc_jax.features`; this module turns it into
 
   batch['source'|'target']:
     image          uint8   [D, B, S, S, 3]   S = config.input.image_size (D local devices, B per device)
-    image_full     uint8   [D, B, F, F, 3]   with KBC only (kbc.eval, kbc.train_prob): the view at F = kbc.max_scale x S
+    image_full     uint8   [D, B, F, F, 3]   with KBC only (kbc.eval, kbc.train_prob): the same view at
+                                             F = kbc.max_scale x S, which KBC's crops are cut from
     keypoints      float32 [D, B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
     keypoint_valid bool    [D, B, I, K]      visible and not padding
     bboxes         float32 [D, B, I, 4]      (x1, y1, x2, y2) pixels of the resized image

@@ -130,11 +130,11 @@ def _merge(variables, loaded, source: str, modules):
   return variables
 
 
-TRUNK = ('backbone', 'csfa')  # what config.model.trunk_init holds (misc_jax.tools.export_trunk)
+TRUNK = ('backbone', 'csfa')  # config.model.trunk_modules' default: what a model takes from trunk_init
 
 
 def load_trunk(path: str) -> dict:
-  """A trunk exported by misc_jax.tools.export_trunk: {'params': {'backbone', 'csfa'}, 'batch_stats',
+  """A run's modules exported by misc_jax.tools.export_trunk: {'params': {module: tree}, 'batch_stats',
   'provenance'}; errors name the file."""
   try:
     return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
@@ -158,8 +158,9 @@ def state_shapes(config) -> optim.TrainState:
 
 def initial_state(config, model) -> optim.TrainState:
   """Fresh parameters, then config.model.backbone_init (a converted backbone), config.model.trunk_init (an
-  exported trunk: backbone and CSFA) and config.model.init_from (another run's workdir: the params and
-  statistics of its checkpoint config.model.init_from_checkpoint, 'latest', 'best' or a step) when set."""
+  exported run, of which the model takes config.model.trunk_modules: by default the trunk, backbone and
+  CSFA) and config.model.init_from (another run's workdir: the params and statistics of its checkpoint
+  config.model.init_from_checkpoint, 'latest', 'best' or a step) when set."""
   state = jax.jit(lambda: _fresh_state(config, model))()
   m = config.model
   if m.backbone_init or m.get('trunk_init'):
@@ -169,7 +170,7 @@ def initial_state(config, model) -> optim.TrainState:
       variables = _merge(variables, {col: {'backbone': tree} for col, tree in backbone.items()},
                          m.backbone_init, ('backbone',))
     if m.get('trunk_init'):
-      variables = _merge(variables, load_trunk(m.trunk_init), m.trunk_init, TRUNK)
+      variables = _merge(variables, load_trunk(m.trunk_init), m.trunk_init, m.get('trunk_modules', TRUNK))
     state = optim.create_train_state(config, model.apply, variables)
   if config.model.init_from:
     try:

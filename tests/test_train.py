@@ -206,8 +206,9 @@ def test_init_from_takes_the_checkpoint_the_config_names(reference, smoke_config
     train.initial_state(config, train.create_model(config)[1])
 
 
-def test_an_exported_trunk_starts_a_model_whose_decoder_and_heads_are_fresh(reference, smoke_config,
-                                                                          tmp_path):
+def test_an_exported_run_starts_the_modules_a_model_takes_and_leaves_the_rest_fresh(reference, smoke_config,
+                                                                                  tmp_path):
+  """By default a model takes the trunk of an exported run; config.model.trunk_modules names more."""
   from misc_jax.tools import export_trunk  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'trunk.msgpack'
   export_trunk.export(str(reference[0]), str(path))
@@ -223,6 +224,10 @@ def test_an_exported_trunk_starts_a_model_whose_decoder_and_heads_are_fresh(refe
   jax.tree.map(np.testing.assert_array_equal, params['decoder'], fresh['decoder'])
   assert any(not np.array_equal(a, b)  # training moved the decoder, so the check above can fail
              for a, b in zip(jax.tree.leaves(trained['decoder']), jax.tree.leaves(fresh['decoder'])))
+  whole = _configure(smoke_config, **{'model.trunk_init': str(path),
+                                      'model.trunk_modules': ('backbone', 'csfa', 'decoder')})
+  params = train.initial_state(whole, train.create_model(whole)[1]).params
+  jax.tree.map(np.testing.assert_array_equal, params['decoder'], trained['decoder'])
   other = _configure(smoke_config, **{'model.trunk_init': str(path), 'model.csfa_dim': 16})
   with pytest.raises(ValueError, match=f'{path}: params of the csfa do not fit the model'):
     train.initial_state(other, train.create_model(other)[1])

@@ -1,10 +1,11 @@
-r"""Exports a run's trunk (backbone and CSFA), with its provenance, for `config.model.trunk_init`.
+r"""Exports a run's parameters, with their provenance, for `config.model.trunk_init`.
 
   python -m misc_jax.tools.export_trunk --workdir runs/pretrain --out misc_jax/assets/trunk.msgpack
 
-The file is a msgpack of {'params': {'backbone', 'csfa'}, 'batch_stats', 'provenance'}: the run's config
-(JSON), the code's git commit when there is one, the step, and the training's wall time. A model whose
-trunk has the same shapes starts from it; its decoder and heads start fresh.
+The file is a msgpack of {'params': {module: tree}, 'batch_stats', 'provenance'}: the run's config
+(JSON), the code's git commit when there is one, the step, and the training's wall time. A model takes
+the modules its config.model.trunk_modules names (by default the trunk: backbone and CSFA), which must
+have the same shapes; the rest of it starts fresh.
 """
 
 import json
@@ -34,14 +35,12 @@ def export(workdir: str, out: str, checkpoint: str = 'latest') -> dict:
     commit = 'unknown'
   provenance = {'config': config.to_json_best_effort(), 'commit': commit, 'step': int(step),
                 'wall_time_s': float(uptime[-1][1]), 'workdir': str(workdir)}
-  trunk = {'params': {m: params[m] for m in train.TRUNK if m in params},
-           'batch_stats': {m: stats[m] for m in train.TRUNK if m in stats},
-           'provenance': json.dumps(provenance)}
+  trunk = {'params': params, 'batch_stats': stats, 'provenance': json.dumps(provenance)}
   path = epath.Path(out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(flax.serialization.msgpack_serialize(trunk))
-  logging.info('Wrote %s: the trunk of %s at step %d (%.0f s of training, commit %s).', path, workdir, step,
-               provenance['wall_time_s'], commit)
+  logging.info('Wrote %s: the parameters of %s at step %d (%.0f s of training, commit %s).', path, workdir,
+               step, provenance['wall_time_s'], commit)
   return trunk
 
 
