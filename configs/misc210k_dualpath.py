@@ -5,7 +5,7 @@ r"""The MISC dual-path model (co-segmentation + multi-instance correspondence) o
       --config.model.backbone_init=~/weights/resnet101.msgpack
   python -m misc_jax.main --config configs/misc210k_dualpath.py:synthetic --workdir runs/dualpath  # 25 min
 
-`:synthetic` trains the tiny variant on synthetic_misc/default on a CPU, from the KBCNet demo's shipped
+`:synthetic` trains the tiny variant on synthetic_misc/default on a CPU, from the shipped pretrained
 trunk (misc_jax/assets/synthetic_trunk.msgpack; results in docs/misc.md);
 `:smoke` is the test variant; `:dinov2` puts the model on frozen DINOv2 ViT-B/14 tokens at 392 px (a 28 x 28
 grid; --config.model.backbone_init=~/weights/vitb14.msgpack from misc_jax.tools.convert_dinov2).
