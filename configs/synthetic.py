@@ -67,7 +67,7 @@ def get_config(arg: str | None = None):
     # the seeds' spread (docs/training.md).
     config.optim.lr = config.optim.backbone_lr = 6e-4
     # KBC's second pass on crops around the keypoints: 16.2% vs 12.7% PCK@0.1 on the trunk's own run at
-    # step 4,000 (docs/training.md). One evaluation, at the end: the second pass doubles its cost.
+    # step 4,000 (docs/training.md). One evaluation, at the end: each crop pass costs one more forward pass.
     config.kbc.eval = True
     # Several target instances answer each keypoint, so the coarse pass scatters over them: the target crop
     # frames the predictions that agree, and half the training pairs are seen through such crops, the
