@@ -159,17 +159,17 @@ def predict(apply, transfer, source, target, src_kps, src_valid, coarse, kbc_con
   """
   size = source.shape[1]
   source, target = full or (source, target)
-  passes = kbc_config.get('passes', 1)
+  passes, r = kbc_config.get('passes', 1), kbc_config.get('coarse_radius', 0.)
+  # kbc.coarse_radius x the source keypoints' box side: the predictions that frame the target crop
+  radius = r * longer_side(keypoint_box(src_kps, src_valid)) if r else None  # [B] pixels
   pred = coarse
   for i in range(1, passes + 1):
     max_scale = kbc_config.max_scale ** (i / passes)
     src_crop = crop_for_config(src_kps, src_valid, size, kbc_config, max_scale)
     if pred is None:
       trg_crop = identity(src_kps.shape[0])
-    else:  # around the predictions that agree (kbc.coarse_radius x the source keypoints' box side)
-      radius = kbc_config.get('coarse_radius', 0.)
-      box_valid = (agreeing(pred, src_valid, radius * longer_side(keypoint_box(src_kps, src_valid)))
-                   if radius else src_valid)
+    else:  # around the predictions that agree
+      box_valid = src_valid if radius is None else agreeing(pred, src_valid, radius)
       trg_crop = crop_for_config(pred, box_valid, size, kbc_config, max_scale)
     scores = apply(resample(source, src_crop, size), resample(target, trg_crop, size))
     pred = jnp.clip(from_crop(transfer(scores, to_crop(src_kps, src_crop), src_valid), trg_crop), 0, size)
