@@ -7,8 +7,8 @@ Writes a JSON report (default: WORKDIR/eval/<dataset>_<split>_step<N>.json) and 
 (the same name, .md), and prints both; `--plot PNG` draws the first batch, `--set FIELD=VALUE` overrides
 a field of the run's config. The threshold follows the dataset (REFERENCE.md section 4): the image size
 for PF-PASCAL, the target (instance) box otherwise; `--threshold` overrides it. The evaluator is the
-run's (`config.eval.evaluator`: `pck`, or `misc` for the dual-path model). `--kbc` adds KBC's second
-pass (KBCNet only).
+run's (`config.eval.evaluator`: `pck`, or `misc` for the dual-path model; `--set eval.evaluator=misc`
+reads a KBCNet run on the dual path's instance pairs). `--kbc` adds KBC's second pass (KBCNet only).
 """
 
 import ast

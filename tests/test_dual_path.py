@@ -314,6 +314,27 @@ def test_fine_masks_average_onto_the_feature_grid_where_the_transfer_is_restrict
   np.testing.assert_allclose(regions[0, 1:-1, 1:-1], direct[0, 1:-1, 1:-1], atol=1e-4)
 
 
+def test_misc_evaluator_reads_kbcnet_through_the_whole_image(smoke_config):
+  """A KBCNet run on the multi-instance evaluator (docs/misc.md compares the two on the same pairs): its
+  one region is the whole target image, so each source instance's keypoints go where KBCNet's own
+  transfer sends them, and no masks are scored."""
+  config = smoke_config.copy_and_resolve_references()
+  config.eval.evaluator = 'misc'
+  config.input.augment.photometric = False
+  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
+  _, model = train.create_model(config)
+  state = train.initial_state(config, model)
+  out = misc.eval_step(state, batch, config=config)
+  assert set(out) == {'oracle', 'queries'}
+  scores = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['source']['image'], batch['target']['image'])
+  src_kps, src_valid, _, _ = dual_path.instance_pair_targets(batch)
+  b, i, k, _ = src_kps.shape
+  expected = kbcnet.predict_keypoints(scores, src_kps.reshape(b, i * k, 2), src_valid.reshape(b, i * k),
+                                      config.input.image_size, **dual_path.transfer_kwargs(config.model))
+  np.testing.assert_allclose(out['queries'][:, 0], expected.reshape(b, i, k, 2), atol=1e-3)
+
+
 def test_without_coseg_the_loss_is_kbcnets_with_the_part_term_once(smoke_config):
   config = misc210k_dualpath.get_config('smoke')
   config.dataset.data_dir = smoke_config.dataset.data_dir

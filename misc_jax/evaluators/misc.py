@@ -45,6 +45,8 @@ def eval_step(state, batch, *, config):
   """Device outputs of one batch: masks, objectness, and the keypoints transferred into every region."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   out = state.apply_fn(variables, batch['source']['image'], batch['target']['image'])
+  if not isinstance(out, dict):  # KBCNet: scores alone
+    out = {'scores': out}
   size = config.input.image_size
   scores = out['scores']
   grid = scores.shape[-1]
