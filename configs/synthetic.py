@@ -20,7 +20,7 @@ training pairs) by
   python -m misc_jax.tools.export_trunk --workdir runs/pretrain_kbc3 --out kbcnet.msgpack
 
 `:pretrain` is the long recipe for 8,000 steps (validation PCK@0.1 19.1%, KBC off; its trunk is
-synthetic_trunk.msgpack, which the dual path starts from); `:pretrain_kbc` the same losses with half the
+synthetic_trunk.msgpack, where `:pretrain_kbc` starts); `:pretrain_kbc` the same losses with half the
 pairs through KBC crops, 6,000 steps (52.4%, then 57.8%, then 60.9%, three KBC passes). `:scratch` is the
 demo from random weights (4.6%); `:long` the long recipe on the 2,000 default pairs for 12,000 steps
 (16.6% at its best step, 52% on training pairs: it overfits them).
@@ -32,8 +32,8 @@ from configs import common
 import misc_jax
 
 # Pretrained on synthetic_misc/large, with their provenance (misc_jax.tools.export_trunk): the trunk
-# (backbone + CSFA) that `:pretrain` trained, which the dual path starts from, and the whole KBCNet-tiny
-# that three runs of `:pretrain_kbc` trained from that trunk, which the demo starts from.
+# (backbone + CSFA) that `:pretrain` trained, and the whole KBCNet-tiny that three runs of `:pretrain_kbc`
+# trained from that trunk, which the demo and the dual path (configs/misc210k_dualpath.py) start from.
 ASSETS = os.path.join(os.path.dirname(misc_jax.__file__), 'assets')
 PRETRAINED_TRUNK = os.path.join(ASSETS, 'synthetic_trunk.msgpack')
 PRETRAINED_KBCNET = os.path.join(ASSETS, 'synthetic_kbcnet.msgpack')

@@ -42,7 +42,7 @@ def test_config_docstring_opens_with_its_command(name):
 
 
 def test_the_shipped_weights_fit_the_synthetic_models_and_name_their_training():
-  for name in ('synthetic', 'misc210k_dualpath:synthetic'):
+  for name in ('synthetic', 'misc210k_dualpath:synthetic', 'synthetic:pretrain_kbc'):
     config = _load(name)
     trunk = train.load_trunk(config.model.trunk_init)
     provenance = json.loads(trunk['provenance'])
