@@ -65,7 +65,7 @@ def _dual_path(config):
 
 def get_config(arg: str | None = None):
   if arg in ('synthetic', 'smoke'):  # KBCNet-tiny's synthetic settings (configs/synthetic.py)
-    # From the synthetic base, not the KBCNet demo (which fine-tunes a whole pretrained model with KBC).
+    # From the synthetic base, not the KBCNet demo (its KBC crops and fine-tuning rate); its model below.
     config = _dual_path(synthetic.get_config('smoke' if arg == 'smoke' else 'scratch'))
     config.model.num_queries = 6
     if arg == 'synthetic':  # 3,000 steps: 12-14 minutes alone on 2 CPU cores
