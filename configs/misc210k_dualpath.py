@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
       # The demo's pretrained KBCNet-tiny: the correspondence path whole, the mask path fresh. PCK@0.1 22.0 /
       # 21.5% against 19.1 / 18.1% from :pretrain's trunk alone, mIoU and AP the same (docs/misc.md).
       config.model.trunk_init = synthetic.PRETRAINED_KBCNET
-      config.model.trunk_modules = ('backbone', 'csfa', 'decoder', 'corr_head', 'refine_head')
+      config.model.trunk_modules = synthetic.KBCNET_MODULES
       config.eval_every_steps = 750  # the KBCNet demo evaluates once, for KBC's cost
     config.model.mask_dim = 32
     return config

@@ -37,6 +37,7 @@ import misc_jax
 ASSETS = os.path.join(os.path.dirname(misc_jax.__file__), 'assets')
 PRETRAINED_TRUNK = os.path.join(ASSETS, 'synthetic_trunk.msgpack')
 PRETRAINED_KBCNET = os.path.join(ASSETS, 'synthetic_kbcnet.msgpack')
+KBCNET_MODULES = ('backbone', 'csfa', 'decoder', 'corr_head', 'refine_head')  # all of it (trunk_modules)
 
 
 def get_config(arg: str | None = None):
@@ -63,7 +64,7 @@ def get_config(arg: str | None = None):
 
   if arg in (None, ''):  # the demo fine-tunes the shipped KBCNet-tiny, every module of it
     config.model.trunk_init = PRETRAINED_KBCNET
-    config.model.trunk_modules = ('backbone', 'csfa', 'decoder', 'corr_head', 'refine_head')
+    config.model.trunk_modules = KBCNET_MODULES
     # Under a third of the rate from scratch: at 2e-3 the 900 steps undid part of the pretraining (PCK@0.1
     # 51.2 / 50.3% from 52.4% before the first step, the first :pretrain_kbc run's model; 2e-4 53.9 / 53.8%,
     # 6e-4 54.3 / 54.1%). From the shipped model (three runs): 62.97 / 63.17% from 60.86% (docs/training.md).
