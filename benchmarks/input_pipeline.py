@@ -27,7 +27,7 @@ from tfds_builders import build
 
 
 def examples_per_second(config, batches: int, warmup: int = 5) -> float:
-  it = input_pipeline.train_iterator(config, to_device=False)
+  it = input_pipeline.train_iterator(config)
   for _ in range(warmup):
     next(it)
   start = time.perf_counter()

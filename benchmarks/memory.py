@@ -44,7 +44,7 @@ def step_memory(config, chunk_rows: int) -> dict:
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   state = jax.eval_shape(lambda: optim.create_train_state(
       config, model.apply, dict(model.init(jax.random.key(0), images, images))))
-  batch = next(input_pipeline.train_iterator(config, to_device=False))  # [1, batch, ...]
+  batch = next(input_pipeline.train_iterator(config))  # [1, batch, ...]
   add_device_axis = lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
   rng = jax.ShapeDtypeStruct((1, 2), jnp.uint32)
   step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),

@@ -21,6 +21,14 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.steps_per_dispatch = 1  # k > 1: k steps per call (train.train_steps); the counts above divide by k
   config.unroll_dispatch = False  # True: those k steps unrolled (k x the compile time; faster on CPUs)
 
+  # The device mesh (misc_jax/sharding.py; docs/launch.md). Every device on `batch` is data parallelism
+  # over every chip (what jax.pmap compiles to); `fsdp` chips also split the train state. -1: the rest.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.batch = -1
+  config.mesh.fsdp = 1
+  config.mesh.dcn_batch = 1  # multi-slice TPU pods: slices along `batch` over the data-centre network
+  config.mesh.fsdp_min_size = 2 ** 16  # state arrays smaller than this (elements) stay replicated
+
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = dataset
   config.dataset.data_dir = placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets

@@ -20,9 +20,12 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
+import ml_collections
 import tensorflow as tf
 
 from misc_jax import rundir
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import train
 from tfds_builders import build
 
@@ -60,10 +63,10 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
   except ValueError as e:
     raise ValueError(f'{config.dataset.name} has no split {split!r}; it has {list(builder.info.splits)}, '
                      'and slices of them such as "train[:200]"') from e
-  config, model_module, state, step = train.load_run(workdir, checkpoint, config)
+  config, model_module, state, step = state_lib.load_run(workdir, checkpoint, config)
   names = builder.info.features['category'].names
-  evaluator = train.evaluator_for(config, model_module, split, names)
-  metrics, first = evaluator.evaluate(train.replicate(state))
+  evaluator = train.evaluator_for(config, model_module, split, names, sharding.make_mesh(ml_collections.ConfigDict()))
+  metrics, first = evaluator.evaluate(state)
   if plot:
     evaluator.plot(first, plot)
   options = {**({'threshold': threshold} if threshold else {}), **({'kbc': kbc} if kbc is not None else {}),

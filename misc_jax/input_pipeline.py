@@ -1,34 +1,36 @@
-"""Input pipeline: TFDS records -> decoded, resized, padded, augmented batches sharded for pmap.
+"""Input pipeline: TFDS records -> decoded, resized, padded, augmented batches of this process's pairs.
 
-Every dataset emits the schema of `misc_jax.features`; this module turns it into fixed-shape batches:
+Every dataset emits the schema of `misc_jax.features`; this module turns it into fixed-shape numpy
+batches of the pairs this process feeds (`sharding.global_batch` makes them one global array):
 
   batch['source'|'target']:
-    image          uint8   [D, B, S, S, 3]   S = config.input.image_size (D local devices, B per device)
-    image_full     uint8   [D, B, F, F, 3]   with KBC only (kbc.eval, kbc.train_prob): the same view at
-                                             F = kbc.max_scale x S, which KBC's crops are cut from
-    keypoints      float32 [D, B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
-    keypoint_valid bool    [D, B, I, K]      visible and not padding
-    bboxes         float32 [D, B, I, 4]      (x1, y1, x2, y2) pixels of the resized image
-    instance_valid bool    [D, B, I]
-    masks          bool    [D, B, I, S, S]   all False for datasets without masks (see has_masks)
-    has_masks      bool    [D, B]
-    scale          float32 [D, B, 2]         (sx, sy): resized = scale * original pixel coordinates
-    dense_points   float32 [D, B, I, P, 2]   with config.input.max_dense_points = P > 0: the dataset's dense
-    dense_valid    bool    [D, B, I, P]      training points (features.py), all invalid where it has none
-  batch['category'] int32 [D, B];  batch['valid'] bool [D, B] (False on evaluation padding)
-  batch['attributes'] {name: int32 [D, B]}  only for datasets with pair attributes (SPair-71k)
+    image          uint8   [B, S, S, 3]   S = config.input.image_size (B = the process's share of the batch)
+    image_full     uint8   [B, F, F, 3]   with KBC only (kbc.eval, kbc.train_prob): the same view at
+                                          F = kbc.max_scale x S, which KBC's crops are cut from
+    keypoints      float32 [B, I, K, 2]   (x, y) pixels of the resized image; 0 where invalid
+    keypoint_valid bool    [B, I, K]      visible and not padding
+    bboxes         float32 [B, I, 4]      (x1, y1, x2, y2) pixels of the resized image
+    instance_valid bool    [B, I]
+    masks          bool    [B, I, S, S]   all False for datasets without masks (see has_masks)
+    has_masks      bool    [B]
+    scale          float32 [B, 2]         (sx, sy): resized = scale * original pixel coordinates
+    dense_points   float32 [B, I, P, 2]   with config.input.max_dense_points = P > 0: the dataset's dense
+    dense_valid    bool    [B, I, P]      training points (features.py), all invalid where it has none
+  batch['category'] int32 [B];  batch['valid'] bool [B] (False on evaluation padding)
+  batch['attributes'] {name: int32 [B]}  only for datasets with pair attributes (SPair-71k)
 
 I = config.input.max_instances and K = config.input.max_keypoints pad instances and keypoints, so shapes
-are static under jit. Training order is a pure function of (seed, step): the split is repeated, shuffled
-with a fixed seed and enumerated; starting at step n skips the first n batches of still-encoded records,
-and augmentation draws its randomness from (seed, example index), so a resumed run sees the same batches.
+are static under jit. Training order is a pure function of (seed, step): each epoch of a data shard is
+shuffled with a seed of (seed, epoch), so step n starts in a known epoch at a known offset; a resumed run
+reads only the records of that epoch before the offset (still encoded), never the earlier epochs, and
+augmentation draws its randomness from (seed, example index), so it sees the same batches.
 """
 
 import math
 import os
+import sys
 from typing import Iterator
 
-from flax import jax_utils
 import jax
 import ml_collections
 import numpy as np
@@ -182,19 +184,6 @@ def decoding_threads(config: ml_collections.ConfigDict) -> int:
   return config.input.get('decoding_threads') or len(os.sched_getaffinity(0))
 
 
-def _shard_for_devices(batch):
-  """[B_process, ...] numpy -> [local_devices, B_process / local_devices, ...]."""
-  d = jax.local_device_count()
-  return jax.tree.map(lambda x: x.reshape((d, x.shape[0] // d) + x.shape[1:]), batch)
-
-
-def _shard_steps_for_devices(batch):
-  """[k, B_process, ...] numpy -> [local_devices, k, B_process / local_devices, ...]."""
-  d = jax.local_device_count()
-  return jax.tree.map(lambda x: x.reshape((x.shape[0], d, x.shape[1] // d) + x.shape[2:]).swapaxes(0, 1),
-                      batch)
-
-
 def _per_process_batch(config):
   batch, procs, devices = config.batch_size, jax.process_count(), jax.local_device_count()
   if batch % (procs * devices):
@@ -204,21 +193,24 @@ def _per_process_batch(config):
 
 
 def _train_shard(config, split, shard: int, num_shards: int, batch_size: int, start_step: int):
-  """Batches of one data shard: repeat, seeded shuffle, skip to `start_step`, decode, preprocess."""
-  ds, _ = _load(config, split)
-  ds = ds.repeat().shuffle(config.input.shuffle_buffer, seed=config.seed,
-                           reshuffle_each_iteration=True)
-  ds = ds.enumerate().skip(start_step * batch_size)  # Skipping still-encoded records is cheap.
+  """Batches of one data shard from `start_step` on: epochs each shuffled by a seed of (seed, epoch),
+  the records before the start skipped within its epoch, decoded and preprocessed."""
+  records, builder = _load(config, split)
+  n = builder.info.splits[split].num_examples
+  epoch, offset = divmod(start_step * batch_size, n)
+  shuffled = lambda e: records.shuffle(config.input.shuffle_buffer, seed=config.seed * 1_000_003 + e)
+  ds = tf.data.Dataset.range(epoch, sys.maxsize).flat_map(shuffled)
+  ds = ds.enumerate(start=epoch * n).skip(offset)  # skipping still-encoded records of one epoch is cheap
   index = lambda i: i * num_shards + shard  # augmentation seed, unique across shards
   ds = ds.map(_graph(lambda i, ex: preprocess(_decode(ex), config=config, train=True, index=index(i))),
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0, to_device: bool = True,
+def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
                    steps_per_batch: int = 0) -> Iterator[dict]:
-  """Endless training batches from step `start_step` on, reshaped for pmap (prefetched to devices); with
-  `steps_per_batch` = k, the batches of k consecutive steps stacked [devices, k, per device, ...] (for
+  """Endless training batches of this process's pairs from step `start_step` on; with
+  `steps_per_batch` = k, the batches of k consecutive steps stacked [k, B_process, ...] (for
   train.train_steps).
 
   The split is cut into `config.input.data_shards` even shards (the number of processes when unset);
@@ -240,13 +232,10 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0, to
       lambda *b: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *b)))
   if steps_per_batch:
     ds = ds.batch(steps_per_batch, drop_remainder=True)  # [k, B_process, ...]
-  shard = _shard_for_devices if not steps_per_batch else _shard_steps_for_devices
-  batches = map(shard, tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
-  return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches
+  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
 
 
-def eval_iterator(config: ml_collections.ConfigDict, split: str, *,
-                  to_device: bool = True) -> Iterator[dict]:
+def eval_iterator(config: ml_collections.ConfigDict, split: str) -> Iterator[dict]:
   """One pass over `split` in order; the last batches are padded (valid=False) so every process runs
   the same number of steps, ceil(ceil(N / processes) / per-process batch)."""
   batch_size = _per_process_batch(config)
@@ -270,5 +259,4 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, *,
       yield jax.tree.map(lambda x: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:],
                                                                    x.dtype)]), batch)
 
-  batches = map(_shard_for_devices, padded())
-  return jax_utils.prefetch_to_device(batches, config.input.prefetch) if to_device else batches
+  return padded()

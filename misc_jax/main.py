@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from misc_jax import input_pipeline
 from misc_jax import rundir
+from misc_jax import state as state_lib
 from misc_jax import train
 from misc_jax import visualize
 from tfds_builders import build
@@ -107,7 +108,8 @@ def init_distributed() -> None:
 
 def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
   """Refuses a config whose model does not fit the checkpoints already in `run_dir`, naming the config
-  fields that changed since the run began, before anything is written there."""
+  fields that changed since the run began, before anything is written there. Every process runs it (it
+  only reads), so all of them refuse, or none."""
   directory = rundir.absolute(run_dir) / 'checkpoints'
   if not directory.exists():
     return
@@ -116,7 +118,7 @@ def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
     saved = rundir.saved_shapes(mgr, step) if step is not None else None
   if saved is None:
     return  # nothing saved, or the newest step is damaged: the resume falls back past it
-  diff = rundir.differences(rundir.shapes(train.state_shapes(config)), saved)
+  diff = rundir.differences(rundir.shapes(state_lib.state_shapes(config)), saved)
   if not diff:
     return
   changed = []
@@ -131,7 +133,7 @@ def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
 
 def preview_data(config, run_dir: str) -> None:
   """Draws the first training batch (the dataset is built)."""
-  batch = next(input_pipeline.train_iterator(config, to_device=False))
+  batch = next(input_pipeline.train_iterator(config))
   builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
   path = os.path.join(run_dir, 'data_preview.png')
   visualize.save_pairs(batch, path, category_names=builder.info.features['category'].names)
@@ -149,8 +151,8 @@ def main(argv):
   train.check_config(config)
   lead = jax.process_index() == 0
   with rundir.lock(run_dir) if lead else contextlib.nullcontext():
+    check_resumable(config, run_dir)
     if lead:
-      check_resumable(config, run_dir)
       builder = build.build(config.dataset.name, config.dataset.data_dir)
       for split, info in builder.info.splits.items():
         logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)

@@ -31,7 +31,8 @@ from PIL import ImageOps
 
 from misc_jax import kbc
 from misc_jax import rundir
-from misc_jax import train
+from misc_jax import sharding
+from misc_jax import state as state_lib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -73,7 +74,7 @@ class Predictor:
 
   @classmethod
   def load(cls, workdir: str, checkpoint: str = 'latest') -> 'Predictor':
-    return cls(*train.load_run(workdir, checkpoint))
+    return cls(*state_lib.load_run(workdir, checkpoint, mesh=sharding.one_device_mesh()))
 
   def __post_init__(self):
     self._transfer = jax.jit(self._transfer_fn, static_argnames='use_kbc')

@@ -1,5 +1,6 @@
 """A run's working directory: its config.json, the lock that keeps a second run out, and its Orbax
-checkpoints (`checkpoints/`: the latest N; `checkpoints_best/`: the best evaluated step).
+checkpoints (`checkpoints/`: the latest N steps and the best evaluated one, each step's evaluation metrics
+in its metadata; runs from before this layout kept the best step in `checkpoints_best/`).
 
 Restoring checks a checkpoint before it trusts it: array shapes that differ from the model's mean the
 checkpoint belongs to another model (`CheckpointMismatchError`); a step whose files cannot be read back
@@ -17,7 +18,9 @@ import time
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Config fields that hold paths: `~` and environment variables in them are expanded.
@@ -119,10 +122,33 @@ def lock(workdir):
 # Checkpoints.
 # ----------------------------------------------------------------------------------------------------------
 
-def manager(directory, **options) -> ocp.CheckpointManager:
-  """A CheckpointManager of one directory that can also read the saved arrays' shapes."""
-  return ocp.CheckpointManager(absolute(directory), item_handlers=ocp.StandardCheckpointHandler(),
-                               options=ocp.CheckpointManagerOptions(**options) if options else None)
+def _registry():
+  """The one item of a step ('default', a whole train state) and its handler, so that a manager can read
+  the saved arrays' shapes before it restores anything."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add('default', args, ocp.StandardCheckpointHandler)
+  return registry
+
+
+def manager(directory, best_metric: str | None = None, **options) -> ocp.CheckpointManager:
+  """A CheckpointManager of one directory; with `best_metric`, its best_step() is the step whose saved
+  metrics hold the largest value of it. Every process must create its managers in the same order (their
+  constructors synchronise the processes when they create the directory)."""
+  if best_metric:
+    options.update(best_fn=lambda metrics: metrics[best_metric], best_mode='max')
+  options.setdefault('create', False)  # a manager that only reads creates nothing and waits for no one
+  return ocp.CheckpointManager(absolute(directory), handler_registry=_registry(),
+                               options=ocp.CheckpointManagerOptions(**options))
+
+
+def keep(latest: int, best_metric: str) -> ocp.checkpoint_managers.PreservationPolicy:
+  """Keeps the newest `latest` steps and the step with the best `best_metric`."""
+  policies = ocp.checkpoint_managers
+  return policies.AnyPreservationPolicy([
+      policies.LatestN(n=latest),
+      policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+                     keep_checkpoints_without_metrics=False)])
 
 
 def _name(key) -> str:
@@ -150,7 +176,7 @@ def differences(expected: dict, got: dict, limit: int = 3) -> list[str]:
 def saved_shapes(mgr: ocp.CheckpointManager, step: int) -> dict | None:
   """The shapes a step holds, from its metadata alone; None when the metadata cannot be read."""
   try:
-    metadata = mgr.item_metadata(step)
+    metadata = mgr.metadata(step).item_metadata
   except Exception:  # pylint: disable=broad-except  (any unreadable metadata is reported as damage later)
     return None
   return None if metadata is None else shapes(metadata)
@@ -173,15 +199,26 @@ def restore(mgr: ocp.CheckpointManager, step: int, target):
   return state
 
 
+def everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every process (each process may read other shards of a checkpoint, so each
+  may find other damage): all processes then take the same path."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def restore_newest(mgr: ocp.CheckpointManager, target):
-  """(state, step, damaged steps) of the newest step that restores, warning for each damaged one newer
-  than it; (None, 0, damaged) when none restores."""
+  """(state, step, damaged steps) of the newest step that restores on every process, warning for each
+  damaged one newer than it; (None, 0, damaged) when none restores."""
   damaged = []
   for step in sorted(mgr.all_steps(), reverse=True):
     try:
-      state = restore(mgr, step, target)
+      state, error = restore(mgr, step, target), None
     except DamagedCheckpointError as e:
-      logging.warning('%s; falling back to an earlier step.', e)
+      state, error = None, e
+    if not everywhere(error is None):
+      logging.warning('%s; falling back to an earlier step.',
+                      error or f'checkpoint step {step} in {mgr.directory} is damaged on another process')
       damaged.append(step)
       continue
     return state, step, damaged
@@ -210,13 +247,17 @@ def parse_checkpoint(checkpoint) -> str | int:
   raise ValueError(f'checkpoint {checkpoint!r}: expected "latest", "best" or a step number')
 
 
-def restore_run(run_dir, checkpoint, target):
-  """(state, step) of a run's checkpoint 'latest' (the newest that restores), 'best' or a step number."""
+def restore_run(run_dir, checkpoint, target, best_metric: str = 'pck@0.1'):
+  """(state, step) of a run's checkpoint 'latest' (the newest that restores), 'best' (the evaluated step
+  of the largest `best_metric`) or a step number, restored into `target` (abstract shapes with
+  shardings, or arrays)."""
   checkpoint = parse_checkpoint(checkpoint)
-  directory = absolute(run_dir) / ('checkpoints_best' if checkpoint == 'best' else 'checkpoints')
+  directory = absolute(run_dir) / 'checkpoints'
+  if checkpoint == 'best' and (directory.parent / 'checkpoints_best').exists():  # the old layout
+    directory = directory.parent / 'checkpoints_best'
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoint in {directory}: the folder does not exist')
-  with manager(directory) as mgr:
+  with manager(directory, best_metric=best_metric) as mgr:
     steps = mgr.all_steps()
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory}')
@@ -225,7 +266,7 @@ def restore_run(run_dir, checkpoint, target):
       if state is None:
         raise DamagedCheckpointError(f'every checkpoint in {directory} is damaged (steps {damaged})')
       return state, step
-    step = max(steps) if checkpoint == 'best' else checkpoint
+    step = mgr.best_step() if checkpoint == 'best' else checkpoint
     if step not in steps:
       raise FileNotFoundError(f'no checkpoint {checkpoint!r} in {directory} (steps there: {steps})')
     return restore(mgr, step, target), step

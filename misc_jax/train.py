@@ -1,9 +1,13 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, read top to bottom.
 
-Data parallel with `jax.pmap(axis_name='batch')`; one process per host, each reading its own data shards
-(input_pipeline.py). Checkpoints are Orbax in `workdir/checkpoints` (latest N) and
-`workdir/checkpoints_best` (best validation PCK); a run resumes from the latest one by itself, and its data
-order and randomness are functions of the step, so a resumed run ends where an uninterrupted one does.
+One `jax.jit` step over the device mesh of `config.mesh` (misc_jax/sharding.py): the batch split over the
+data axes, the state over `fsdp` (replicated on the default all-`batch` mesh, which is plain data
+parallelism over every chip). One process per host, each feeding its own pairs (input_pipeline.py).
+Checkpoints are asynchronous Orbax saves of the sharded state in `workdir/checkpoints` (the latest N and
+the best evaluated step), every process writing its own shards; a run resumes from the newest one by
+itself, on any mesh, and its data order and randomness are functions of the step, so a resumed run ends
+where an uninterrupted one does. A SIGTERM (or Ctrl-C) on any process stops every process after the same
+step, with a checkpoint of it: the processes agree through a flag reduced inside the step.
 """
 
 import functools
@@ -14,9 +18,6 @@ import signal
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
-import flax
-from flax import jax_utils
 import jax
 from jax import lax
 from jax.experimental import multihost_utils
@@ -31,43 +32,16 @@ from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import optim
 from misc_jax import rundir
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import visualize
-from misc_jax.models import kbcnet
 from misc_jax.models import supervision
 from tfds_builders import build
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model, state and step.
+# Config checks.
 # ----------------------------------------------------------------------------------------------------------
-
-def create_model(config):
-  """config.model.name -> (the module misc_jax/models/<name>.py, its Flax model)."""
-  module = importlib.import_module(f'misc_jax.models.{config.model.name}')
-  return module, module.from_config(config.model)
-
-
-def load_backbone(path: str) -> dict:
-  """A converted backbone (misc_jax.tools.convert_resnet: msgpack of {'params', 'batch_stats'}); errors
-  name the file."""
-  try:
-    data = epath.Path(path).read_bytes()
-  except FileNotFoundError:
-    raise FileNotFoundError(f'config.model.backbone_init: {path} does not exist') from None
-  except OSError as e:
-    raise OSError(f'config.model.backbone_init: cannot read {path} ({e.strerror})') from e
-  try:
-    backbone = flax.serialization.msgpack_restore(data)
-  except Exception as e:  # pylint: disable=broad-except  (msgpack raises several unrelated types)
-    raise ValueError(f'config.model.backbone_init: {path} is not a converted backbone (a msgpack file '
-                     f'from misc_jax.tools.convert_resnet): {type(e).__name__}: {e}') from None
-  if not isinstance(backbone, dict) or 'params' not in backbone:
-    raise ValueError(f'config.model.backbone_init: {path} holds no "params": not a converted backbone')
-  return backbone
-
-
-_MSGPACK_MAP = (*range(0x80, 0x90), 0xde, 0xdf)  # first byte of a msgpack map (fixmap, map 16, map 32)
-
 
 def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
   """config with its schedule in steps for the built dataset's training split (optim.resolve_schedule)."""
@@ -76,10 +50,10 @@ def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
 
 
 def check_config(config) -> None:
-  """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a global
-  batch the devices do not divide, a backbone file that is missing or not a converted backbone, an
-  init_from run without checkpoints, a BatchNorm backbone that would train from random weights unasked,
-  KBC's second pass asked of an evaluator that has none."""
+  """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a mesh
+  that does not fit the devices, a global batch they do not divide, weight files that are missing or not
+  what the config says (state.check_weights), KBC's second pass asked of an evaluator that has none."""
+  sharding.make_mesh(config)
   devices, batch = jax.device_count(), config.batch_size
   if batch % devices:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
@@ -87,108 +61,19 @@ def check_config(config) -> None:
   if config.kbc.eval and config.eval.evaluator != 'pck':
     raise ValueError(f'config.kbc.eval=True: the {config.eval.evaluator!r} evaluator has no KBC pass (only '
                      "'pck' does); set config.kbc.eval=False")
-  m = config.model
-  if m.backbone_init:
-    try:
-      with epath.Path(m.backbone_init).open('rb') as f:
-        first = f.read(1)
-    except FileNotFoundError:
-      raise FileNotFoundError(f'config.model.backbone_init: {m.backbone_init} does not exist') from None
-    except OSError as e:
-      raise OSError(f'config.model.backbone_init: cannot read {m.backbone_init} ({e.strerror})') from e
-    if not first or first[0] not in _MSGPACK_MAP:
-      raise ValueError(f'config.model.backbone_init: {m.backbone_init} is not a converted backbone (a '
-                       'msgpack file from misc_jax.tools.convert_resnet)')
-  if m.get('trunk_init') and not epath.Path(m.trunk_init).exists():
-    raise FileNotFoundError(f'config.model.trunk_init: {m.trunk_init} does not exist')
-  if m.init_from and not (rundir.absolute(m.init_from) / 'checkpoints').exists():
-    raise FileNotFoundError(f'config.model.init_from: {m.init_from} holds no checkpoints/ folder')
-  if (kbcnet.backbone_module(m).needs_weights(m) and not m.backbone_init and not m.init_from
-      and not m.get('trunk_init') and not m.get('backbone_from_scratch')):
-    raise ValueError(
-        f'config.model.backbone {m.get("backbone", "resnet")!r} is meant to start from pretrained weights '
-        '(a ResNet with frozen BatchNorm statistics, or DINOv2), but none are given, so it would train from '
-        'random weights. Set config.model.backbone_init to a converted backbone (python -m '
-        'misc_jax.tools.convert_resnet or convert_dinov2), or config.model.backbone_from_scratch=True to '
-        'do exactly that.')
+  state_lib.check_weights(config.model)
 
 
-def _merge(variables, loaded, source: str, modules):
-  """variables[col][m] <- loaded[col][m] for params and batch_stats of every module m, refusing any
-  misfit (a module the model has but the file lacks counts as one)."""
-  shapes = lambda tree: {'/'.join(k): np.shape(v)
-                         for k, v in flax.traverse_util.flatten_dict(tree).items()}
-  for col in ('params', 'batch_stats'):
-    for m in modules:
-      ours = shapes(variables.get(col, {}).get(m, {}))
-      theirs = shapes(loaded.get(col, {}).get(m, {}))
-      if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-        raise ValueError(f'{source}: {col} of the {m} do not fit the model (first differences: {diff})')
-      if theirs:
-        variables[col][m] = loaded[col][m]
-  return variables
-
-
-TRUNK = ('backbone', 'csfa')  # config.model.trunk_modules' default: what a model takes from trunk_init
-
-
-def load_trunk(path: str) -> dict:
-  """A run's modules exported by misc_jax.tools.export_trunk: {'params': {module: tree}, 'batch_stats',
-  'provenance'}; errors name the file."""
-  try:
-    return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
-  except FileNotFoundError:
-    raise FileNotFoundError(f'config.model.trunk_init: {path} does not exist') from None
-
-
-def _fresh_state(config, model) -> optim.TrainState:
-  size = config.input.image_size
-  images = jnp.zeros((1, size, size, 3), jnp.uint8)
-  variables = flax.core.unfreeze(model.init(jax.random.key(config.seed), images, images))
-  return optim.create_train_state(config, model.apply, variables)
-
-
-def state_shapes(config) -> optim.TrainState:
-  """The train state's abstract shapes (nothing is computed or read; the schedule does not matter)."""
-  if config.total_steps is None:
-    config = optim.resolve_schedule(config, config.batch_size)
-  return jax.eval_shape(lambda: _fresh_state(config, create_model(config)[1]))
-
-
-def initial_state(config, model) -> optim.TrainState:
-  """Fresh parameters, then config.model.backbone_init (a converted backbone), config.model.trunk_init (an
-  exported run, of which the model takes config.model.trunk_modules: by default the trunk, backbone and
-  CSFA) and config.model.init_from (another run's workdir: the params and statistics of its checkpoint
-  config.model.init_from_checkpoint, 'latest', 'best' or a step) when set."""
-  state = jax.jit(lambda: _fresh_state(config, model))()
-  m = config.model
-  if m.backbone_init or m.get('trunk_init'):
-    variables = flax.core.unfreeze(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
-    if m.backbone_init:
-      backbone = load_backbone(m.backbone_init)
-      variables = _merge(variables, {col: {'backbone': tree} for col, tree in backbone.items()},
-                         m.backbone_init, ('backbone',))
-    if m.get('trunk_init'):
-      variables = _merge(variables, load_trunk(m.trunk_init), m.trunk_init, m.get('trunk_modules', TRUNK))
-    state = optim.create_train_state(config, model.apply, variables)
-  if config.model.init_from:
-    try:
-      other, _ = rundir.restore_run(config.model.init_from, config.model.init_from_checkpoint,
-                                     jax.device_get(state))
-    except (FileNotFoundError, ValueError, rundir.DamagedCheckpointError) as e:
-      raise type(e)(f'config.model.init_from: {e}') from e
-    state = state.replace(params=other.params, batch_stats=other.batch_stats)
-  return state
-
+# ----------------------------------------------------------------------------------------------------------
+# The step.
+# ----------------------------------------------------------------------------------------------------------
 
 def train_step(state, batch, rng, *, model_module, config):
-  """One pmapped AdamW step; gradients and metrics are averaged over all devices of all processes."""
+  """One AdamW step on the global batch (jit partitions it over the mesh: the gradient's mean over the
+  batch becomes an all-reduce over the data axes)."""
   if config.kbc.train_prob:
-    # Per-pair keys from the pair's position in the global batch: the draws do not depend on how the
-    # batch is split over devices.
-    b = batch['valid'].shape[0]
-    index = lax.axis_index('batch') * b + jnp.arange(b)
+    # Per-pair keys from the pair's position in the global batch: the draws do not depend on the mesh.
+    index = jnp.arange(batch['valid'].shape[0])
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, state.step), i))(index)
     batch = _kbc_crops(batch, keys, config)
 
@@ -197,8 +82,7 @@ def train_step(state, batch, rng, *, model_module, config):
     return model_module.train_loss(apply, batch, config)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = lax.pmean(grads, 'batch')
-  metrics = lax.pmean({'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}, 'batch')
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
   return state.apply_gradients(grads=grads), metrics
 
 
@@ -272,90 +156,85 @@ def _move_to_front(side, pick):
 # ----------------------------------------------------------------------------------------------------------
 
 class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint and leave at the end of the current step."""
+  """Remembers a SIGTERM or a Ctrl-C, so that the loop checkpoints and leaves after the step on which the
+  processes agree (`sharding.flags`); a second Ctrl-C interrupts at once. The previous handlers come
+  back when the loop ends."""
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+
+  def __enter__(self):
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint after this step, then stopping.')
+    if signum == signal.SIGINT and self.requested:
+      signal.default_int_handler(signum, frame)
+    logging.warning('%s: saving a checkpoint after this step, then stopping%s.', signal.Signals(signum).name,
+                    ' (Ctrl-C again: stop at once)' if signum == signal.SIGINT else '')
     self.requested = True
 
 
-def _checkpoint_managers(config, run_dir):
-  """The latest `config.keep_checkpoints` steps and the best evaluated one. Both may save the same step
-  at once: across processes their barriers are told apart by a per-manager key prefix."""
-  def opts(name, **kw):
-    return dict(enable_async_checkpointing=True, create=True, **kw,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
-  latest = rundir.manager(run_dir / 'checkpoints', **opts('latest', max_to_keep=config.keep_checkpoints))
-  best = rundir.manager(run_dir / 'checkpoints_best', **opts(
-      'best', max_to_keep=1, best_fn=lambda m: m[config.eval.best_metric], best_mode='max'))
-  return latest, best
+def _checkpoint_manager(config, run_dir) -> ocp.CheckpointManager:
+  """Asynchronous saves of the sharded state; keeps the latest `config.keep_checkpoints` steps and the
+  best evaluated one (its metrics live in the step's metadata)."""
+  metric = config.eval.best_metric
+  return rundir.manager(run_dir / 'checkpoints', best_metric=metric, create=True,
+                        enable_async_checkpointing=True,
+                        preservation_policy=rundir.keep(config.keep_checkpoints, metric))
 
 
-def _resume(state, run_dir):
-  """(state, step) of the newest checkpoint of run_dir that restores, or (state, 0). Damaged newer steps
-  are named in a warning and moved aside (rundir.set_aside), so the run can save those steps again."""
+def _restore_or_init(config, model, mesh, run_dir):
+  """(state, step) of the newest checkpoint of run_dir that restores, straight into the mesh's shardings;
+  else (the initial state, 0). Damaged newer steps are named in a warning and moved aside
+  (rundir.set_aside), so the run can save those steps again. Every process takes the same path."""
   directory = run_dir / 'checkpoints'
-  if not directory.exists():
-    return state, 0
-  with rundir.manager(directory) as mgr:
-    restored, step, damaged = rundir.restore_newest(mgr, jax.device_get(state))
+  restored, step, damaged = None, 0, []
+  if directory.exists():
+    target, _ = state_lib.sharded_shapes(config, model, mesh)
+    with rundir.manager(directory) as mgr:
+      restored, step, damaged = rundir.restore_newest(mgr, target)
   if damaged:
     if jax.process_index() == 0:
       rundir.set_aside(directory, damaged)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('damaged checkpoints set aside')
   if restored is None:
-    return state, 0
+    return state_lib.initial_state(config, model, mesh), 0
   logging.info('Resumed from %s at step %d.', directory, step)
   return restored, step
 
 
-def evaluator_for(config, model_module, split: str, category_names):
-  """The Evaluator of misc_jax/evaluators/<config.eval.evaluator>.py for one split."""
+def evaluator_for(config, model_module, split: str, category_names, mesh=None):
+  """The Evaluator of misc_jax/evaluators/<config.eval.evaluator>.py for one split, on `mesh` (default:
+  config.mesh)."""
   module = importlib.import_module(f'misc_jax.evaluators.{config.eval.evaluator}')
-  return module.Evaluator(config, model_module, split, category_names)
+  return module.Evaluator(config, model_module, split, category_names, mesh or sharding.make_mesh(config))
 
 
-def load_run(run_dir: str, checkpoint='latest', config: ml_collections.ConfigDict | None = None):
-  """A finished or running run: (config, model module, restored state, step).
+def compile_step(config, model_module, mesh, state_shardings):
+  """The jitted dispatch of k training steps: (state, batches [k, B, ...], rng, preemption flags) ->
+  (state, metrics [k], whether any process asked to stop). The state is donated and keeps its
+  shardings, so the second call runs the same program."""
+  def dispatch(state, batches, rng, stop_flags):
+    state, metrics = train_steps(state, batches, rng, model_module=model_module, config=config)
+    return state, metrics, jnp.any(stop_flags)
 
-  `checkpoint` is 'latest' (the newest step that restores; damaged newer ones are named in a warning),
-  'best' (the best evaluated step) or a step number; `config` defaults to the run's config.json. Errors
-  name the run: no config.json, no such checkpoint, a damaged one, or one that does not fit the model.
-  """
-  rundir.parse_checkpoint(checkpoint)  # a bad name fails before the model is built
-  config = config or rundir.read_config(run_dir)
-  config.model.init_from = config.model.backbone_init = None  # the checkpoint holds every parameter
-  if 'trunk_init' in config.model:
-    config.model.trunk_init = None
-  model_module, model = create_model(config)
-  target = jax.device_get(initial_state(config, model))
-  try:
-    state, step = rundir.restore_run(run_dir, checkpoint, target)
-  except rundir.CheckpointMismatchError as e:
-    raise ValueError(f'{run_dir}: the checkpoint does not fit the model that {run_dir}/config.json '
-                     f'describes (first differences: {e})') from e
-  return config, model_module, state, step
-
-
-def replicate(tree):
-  """A host pytree -> one copy per local device, laid out exactly as pmap lays out its outputs, so the
-  step's second call (on its own outputs) does not compile the step again."""
-  n = jax.local_device_count()
-  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), tree)
-  return jax.pmap(lambda x: x, axis_name='batch')(stacked)
+  rep = sharding.replicated(mesh)
+  return jax.jit(dispatch, in_shardings=(state_shardings, sharding.batch_sharding(mesh, stacked=True), rep,
+                                         None),
+                 out_shardings=(state_shardings, rep, rep), donate_argnums=(0,))
 
 
 def _host_metrics(pending):
-  """Averages the device metrics ([devices, steps] each) of the dispatches since the last flush (the only
-  host sync of the loop)."""
+  """Averages the metrics ([steps] each, replicated) of the dispatches since the last flush (the only
+  host sync of the loop, with the preemption flag)."""
   values = jax.device_get(pending)
-  return {k: float(np.mean([v[k][0] for v in values])) for k in values[0]}
+  return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -373,29 +252,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   category_names = builder.info.features['category'].names
   config = resolve_schedule(config, builder)
 
-  # Model, optimiser, restore.
-  model_module, model = create_model(config)
-  state, start = _resume(initial_state(config, model), run_dir)
+  # Mesh, model, state (restored, or initialised in its shardings), step.
+  mesh = sharding.make_mesh(config)
+  model_module, model = state_lib.create_model(config)
+  state, start = _restore_or_init(config, model, mesh, run_dir)
   if jax.process_count() > 1:  # every process has looked for checkpoints before any creates the directory
     multihost_utils.sync_global_devices('resumed')
-  latest_mgr, best_mgr = _checkpoint_managers(config, run_dir)
   k = check_dispatch(config, start)
-  p_state = replicate(state)
-  rng = replicate(jax.random.key_data(jax.random.key(config.seed + 1)))
-  p_train_step = jax.pmap(
-      lambda s, b, r: train_steps(s, b, jax.random.wrap_key_data(r), model_module=model_module,
-                                  config=config),
-      axis_name='batch', donate_argnums=(0,))
-  evaluator = evaluator_for(config, model_module, config.dataset.eval_split, category_names)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = compile_step(config, model_module, mesh, state_shardings)
+  rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
+  evaluator = evaluator_for(config, model_module, config.dataset.eval_split, category_names, mesh)
+  mgr = _checkpoint_manager(config, run_dir)
 
   def save(step, metrics=None):
-    host = jax.device_get(jax_utils.unreplicate(p_state))
-    latest_mgr.save(step, args=ocp.args.StandardSave(host))
-    if metrics is not None:
-      best_mgr.save(step, args=ocp.args.StandardSave(host), metrics=metrics)
+    mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
 
   def evaluate(step):
-    metrics, first = evaluator.evaluate(p_state)
+    metrics, first = evaluator.evaluate(state)
     scalars = {f'eval/{k}': v for k, v in metrics.items() if isinstance(v, float)}
     writer.write_scalars(step, scalars)
     logging.info('step %d %s: %s', step, config.dataset.eval_split, json.dumps(scalars))
@@ -406,21 +280,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluator.plot(first, str(run_dir / 'predictions.png'))
     return metrics
 
-  # Loop. The managers are closed (pending saves finished) however the loop ends.
-  with latest_mgr, best_mgr:
-    preemption = _Preemption()
+  # Loop. The manager is closed (pending saves finished) however the loop ends. Each iteration reads the
+  # previous dispatch's agreed stop flag, so the host stays one dispatch ahead of the devices.
+  with mgr, _Preemption() as preemption:
     batches = input_pipeline.train_iterator(config, start_step=start, steps_per_batch=k) \
         if start < config.total_steps else iter(())
+    batches = sharding.prefetch(batches, mesh, config.input.prefetch, stacked=True)
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
                     dynamic_ncols=True)
-    pending, metrics, stop = [], {}, False
+    pending, metrics, stop, agreed = [], {}, False, None
     for step in range(start + k, config.total_steps + 1, k):
-      p_state, step_metrics = p_train_step(p_state, next(batches), rng)
+      state, step_metrics, stop_now = step_fn(state, next(batches), rng,
+                                              sharding.flags(mesh, preemption.requested))
+      stop, agreed = agreed is not None and bool(agreed), stop_now  # the same on every process
       pending.append(step_metrics)
       bar.update(k)
       report(step)
-      stop = preemption.requested  # read once: a SIGTERM may land anywhere in this iteration
       is_last = step == config.total_steps
       log_now = step % config.log_every_steps == 0 or is_last or stop
       eval_now = step % config.eval_every_steps == 0 or is_last
@@ -431,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not all(np.isfinite(v) for v in train.values()):
           raise FloatingPointError(
               f'non-finite training metrics at step {step}: {train}; the last good checkpoint '
-              f'(step {latest_mgr.latest_step()}) is kept in {latest_mgr.directory}')
+              f'(step {mgr.latest_step()}) is kept in {mgr.directory}')
         writer.write_scalars(step, {f'train/{k}': v for k, v in train.items()})
         bar.set_postfix(loss=f'{train["loss"]:.4f}')
       if eval_now:
@@ -439,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save_now:
         save(step, {config.eval.best_metric: metrics[config.eval.best_metric]} if eval_now else None)
       if stop:
-        logging.warning('Saved step %d after SIGTERM; stopping.', step)
+        logging.warning('Saved step %d after a stop request; stopping.', step)
         break
     bar.close()
     if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)

@@ -34,16 +34,15 @@ def _draw_side(ax, side, title):
 def save_pairs(batch: dict, path: str, num_pairs: int = 4, category_names=None) -> None:
   """Writes a PNG with one row per pair (source | target) from a host batch.
 
-  `batch` is a pipeline batch with leading dims [D, B] or [B]; padding examples are skipped.
+  `batch` is a pipeline batch [B, ...]; padding examples are skipped.
   """
-  flat = _flatten_devices(batch) if np.ndim(batch['valid']) == 2 else batch
-  category = flat['category']
-  rows = np.nonzero(flat['valid'])[0][:num_pairs]
+  category = batch['category']
+  rows = np.nonzero(batch['valid'])[0][:num_pairs]
   fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
   for r, b in enumerate(rows):
     name = category_names[category[b]] if category_names else str(category[b])
     for c, side in enumerate(('source', 'target')):
-      example = {k: v[b] for k, v in flat[side].items()}
+      example = {k: v[b] for k, v in batch[side].items()}
       n = int(example['instance_valid'].sum())
       _draw_side(axes[r, c], example, f'{side}: {name}, {n} instance{"s" * (n != 1)}')
   fig.tight_layout()
@@ -55,9 +54,8 @@ def save_correspondences(result: dict, path: str, num_pairs: int = 4, alpha: flo
                          threshold: str = 'bbox') -> None:
   """Source | target rows with a line from each source keypoint to its predicted target keypoint: green
   when within alpha * threshold of the truth (ringed), red otherwise. `result` is an evaluator's first
-  batch: {'batch': pipeline batch [D, B, ...], 'prediction': {'src', 'pred', 'gt', 'valid', 'bbox'}}."""
-  flat = _flatten_devices(result)
-  batch, out = flat['batch'], flat['prediction']
+  batch: {'batch': pipeline batch [B, ...], 'prediction': {'src', 'pred', 'gt', 'valid', 'bbox'}}."""
+  batch, out = result['batch'], result['prediction']
   rows = np.nonzero(batch['valid'])[0][:num_pairs]
   fig, axes = plt.subplots(len(rows), 1, figsize=(6, 3 * len(rows)), squeeze=False)
   for ax, b in zip(axes[:, 0], rows):
@@ -79,12 +77,6 @@ def save_correspondences(result: dict, path: str, num_pairs: int = 4, alpha: flo
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-def _flatten_devices(tree):
-  """[D, B, ...] leaves -> [D * B, ...]."""
-  return {k: _flatten_devices(v) if isinstance(v, dict) else
-          np.reshape(v, (-1,) + np.shape(v)[2:]) for k, v in tree.items()}
 
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:

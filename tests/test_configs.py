@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from misc_jax import train
+from misc_jax import state as state_lib
 
 CONFIGS = ['synthetic', 'synthetic:long', 'synthetic:pretrain', 'synthetic:pretrain_kbc', 'synthetic:scratch',
            'kbcnet_spair', 'kbcnet_pfpascal', 'kbcnet_pfwillow', 'misc210k_dualpath', 'kbcnet_dinov2_spair',
@@ -24,7 +24,7 @@ def _load(spec: str):
 def test_config_builds_its_model(name):
   config = _load(name)
   assert config.to_json_best_effort()
-  _, model = train.create_model(config)
+  _, model = state_lib.create_model(config)
   size = config.input.image_size
   image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
   variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
@@ -44,14 +44,14 @@ def test_config_docstring_opens_with_its_command(name):
 def test_the_shipped_weights_fit_the_synthetic_models_and_name_their_training():
   for name in ('synthetic', 'misc210k_dualpath:synthetic', 'synthetic:pretrain_kbc'):
     config = _load(name)
-    trunk = train.load_trunk(config.model.trunk_init)
+    trunk = state_lib.load_trunk(config.model.trunk_init)
     provenance = json.loads(trunk['provenance'])
     pretrain = json.loads(provenance['config'])
     assert pretrain['dataset']['name'] == 'synthetic_misc/large'
     assert provenance['step'] == pretrain['total_steps'] and provenance['wall_time_s'] > 0
     if name.startswith('misc210k'):  # masks of every instance of the whole image: no KBC crops
       assert not config.kbc.train_prob and not config.kbc.eval
-    _, model = train.create_model(config)
+    _, model = state_lib.create_model(config)
     image = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.uint8)
     variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
-    train._merge(variables, trunk, name, config.model.trunk_modules)  # what loading does; raises on misfits
+    state_lib.merge(variables, trunk, name, config.model.trunk_modules)  # what loading does; raises on misfits

@@ -6,7 +6,7 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 from test_resnet import formula_state_dict  # pylint: disable=g-bad-import-order
 
-from misc_jax import train
+from misc_jax import state as state_lib
 from misc_jax.tools import convert_resnet
 
 
@@ -43,10 +43,10 @@ def test_kbcnet_r101_starts_from_the_converted_backbone(state_dict, smoke_config
   convert_resnet.convert(_save(state_dict, tmp_path / 'r101.npz'), out)
   config = smoke_config
   with config.unlocked():
-    config.model.update(train.create_model(config)[0].decode_variant('kbcnet_r101'))
+    config.model.update(state_lib.create_model(config)[0].decode_variant('kbcnet_r101'))
     config.model.backbone_init = out
     config.input.image_size = 32
-  state = train.initial_state(config, train.create_model(config)[1])
+  state = state_lib.initial_state(config, state_lib.create_model(config)[1])
   np.testing.assert_array_equal(state.params['backbone']['conv1']['kernel'],
                                 state_dict['conv1.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(state.batch_stats['backbone']['layer3_22']['bn2']['mean'],
@@ -60,7 +60,7 @@ def test_a_backbone_that_does_not_fit_is_refused(state_dict, smoke_config, tmp_p
   with smoke_config.unlocked():
     smoke_config.model.backbone_init = out  # kbcnet_tiny: width 16, one block per stage
   with pytest.raises(ValueError, match='r101.msgpack: params of the backbone do not fit the model'):
-    train.initial_state(smoke_config, train.create_model(smoke_config)[1])
+    state_lib.initial_state(smoke_config, state_lib.create_model(smoke_config)[1])
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from misc_jax import state as state_lib
 from misc_jax.models import dinov2
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
@@ -118,13 +119,12 @@ def test_a_frozen_dinov2_gets_no_gradient_and_a_fine_tuned_one_does(smoke):
   from misc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from misc_jax import optim  # pylint: disable=g-import-not-at-top
   from misc_jax import train  # pylint: disable=g-import-not-at-top
-  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:2],
-                       next(input_pipeline.train_iterator(smoke, to_device=False)))
+  batch = jax.tree.map(lambda x: x[:2], next(input_pipeline.train_iterator(smoke)))
   for frozen in (True, False):
     config = smoke.copy_and_resolve_references()
     config.model.freeze_backbone = frozen
-    model_module, model = train.create_model(config)
-    state = train.initial_state(config, model)
+    model_module, model = state_lib.create_model(config)
+    state = state_lib.initial_state(config, model)
     loss = lambda p: model_module.train_loss(
         lambda s, t: state.apply_fn({'params': p, 'batch_stats': state.batch_stats}, s, t), batch, config)[0]
     grads = jax.jit(jax.grad(loss))(state.params)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from misc_jax import input_pipeline
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import train
 from misc_jax.evaluators import misc
 from misc_jax.models import dual_path
@@ -234,32 +236,28 @@ def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config,
   config.optim.lr = config.optim.backbone_lr = 3e-3
   config.input.augment.photometric = False
   config.model.mask_iou_loss_weight = 1.0  # with the MaskIoU head: its loss, and AP ranked by it
-  batch = next(input_pipeline.train_iterator(config))  # one batch, seen again and again
-  model_module, model = train.create_model(config)
-  state = train.replicate(train.initial_state(config, model))
-  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
-  step = jax.pmap(functools.partial(_step, model_module=model_module, config=config), axis_name='batch')
+  mesh = sharding.make_mesh(config)
+  batch = sharding.global_batch(mesh, next(input_pipeline.train_iterator(config, steps_per_batch=1)),
+                               stacked=True)  # one step's batch, seen again and again
+  model_module, model = state_lib.create_model(config)
+  state = state_lib.initial_state(config, model, mesh)
+  step = train.compile_step(config, model_module, mesh, jax.tree.map(lambda x: x.sharding, state))
   history = []
   for _ in range(config.total_steps):
-    state, metrics = step(state, batch, rng)
+    state, metrics, _ = step(state, batch, jax.random.key(0), sharding.flags(mesh, False))
     history.append({k: float(v[0]) for k, v in metrics.items()})
   first, last = history[0], history[-1]
   assert last['mask_loss'] < 0.85 * first['mask_loss'], history
   assert last['transfer_loss'] < 0.8 * first['transfer_loss'], history
   assert last['mask_iou_loss'] < first['mask_iou_loss'], history
 
-  evaluator = misc.Evaluator(config, model_module, 'validation', None)
+  evaluator = misc.Evaluator(config, model_module, 'validation', None, mesh)
   metrics, first_batch = evaluator.evaluate(state)
   assert metrics['num_pairs'] == 3  # synthetic_misc/tiny validation
   for key in ('pck@0.1', 'pck_oracle@0.1', 'miou', 'ap50'):
     assert 0 <= metrics[key] <= 1, (key, metrics)
   evaluator.plot(first_batch, str(tmp_path / 'pair.png'))
   assert (tmp_path / 'pair.png').stat().st_size > 10_000
-
-
-def _step(state, batch, rng, *, model_module, config):
-  return train.train_step(state, batch, jax.random.wrap_key_data(rng), model_module=model_module,
-                          config=config)
 
 
 @pytest.mark.parametrize('switch', ['coseg', 'mask_volume', 'corr_to_mask', 'mask_stride',
@@ -321,9 +319,9 @@ def test_misc_evaluator_reads_kbcnet_through_the_whole_image(smoke_config):
   config = smoke_config.copy_and_resolve_references()
   config.eval.evaluator = 'misc'
   config.input.augment.photometric = False
-  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
-  _, model = train.create_model(config)
-  state = train.initial_state(config, model)
+  batch = jax.tree.map(lambda x: x[:1], next(input_pipeline.train_iterator(config)))  # one pair
+  _, model = state_lib.create_model(config)
+  state = state_lib.initial_state(config, model)
   out = misc.eval_step(state, batch, config=config)
   assert set(out) == {'oracle', 'queries'}
   scores = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
@@ -341,11 +339,11 @@ def test_without_coseg_the_loss_is_kbcnets_with_the_part_term_once(smoke_config)
   config.model.coseg = False
   config.model.num_parts = 5 * config.input.max_keypoints
   config.input.augment.photometric = False
-  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
+  batch = jax.tree.map(lambda x: x[:1], next(input_pipeline.train_iterator(config)))  # one pair
 
   def loss_and_terms(part_weight):
     config.model.part_loss_weight = part_weight
-    _, model = train.create_model(config)  # with a part head only when the weight is > 0
+    _, model = state_lib.create_model(config)  # with a part head only when the weight is > 0
     image = batch['source']['image']
     variables = model.init(jax.random.key(0), image, image)
     apply = functools.partial(model.apply, variables)
@@ -362,8 +360,8 @@ def test_transfer_on_true_masks_frees_the_transfer_terms_from_the_predicted_mask
   config.dataset.data_dir = smoke_config.dataset.data_dir
   config.model.mask_volume = False  # so that the scores do not depend on the masks either
   config.input.augment.photometric = False
-  batch = jax.tree.map(lambda x: x[0], next(input_pipeline.train_iterator(config)))  # one device's
-  _, model = train.create_model(config)
+  batch = jax.tree.map(lambda x: x[:1], next(input_pipeline.train_iterator(config)))  # one pair
+  _, model = state_lib.create_model(config)
   image = batch['source']['image']
   variables = model.init(jax.random.key(0), image, image)
   other = jax.tree.map(lambda x: x, variables)

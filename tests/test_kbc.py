@@ -166,8 +166,7 @@ def test_a_stray_coarse_prediction_does_not_move_the_target_crop():
 
 
 def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
-  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
-  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)  # all devices' pairs
+  batch = next(input_pipeline.train_iterator(smoke_config))
   batch['source']['instance_valid'][:, 1:] = False  # one annotated instance: the one picked
   b = batch['valid'].shape[0]
   keys = jax.random.split(jax.random.key(0), b)
@@ -190,8 +189,7 @@ def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
 def test_train_time_target_crop_frames_one_target_instance(smoke_config):
   """As at test time (the instance the coarse predictions agree on), a training pair's target crop frames
   the keypoints of one of its target instances, not the box of all of them."""
-  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
-  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+  batch = next(input_pipeline.train_iterator(smoke_config))
   batch['source']['instance_valid'][:, 1:] = False  # source instance 0 is the one picked
   b = batch['valid'].shape[0]
   with smoke_config.unlocked():
@@ -218,8 +216,7 @@ def test_training_crops_are_cut_from_the_full_resolution_view(smoke_config):
   evaluation crops are (crops of the small image are blurrier than the ones the second pass is tested on)."""
   with smoke_config.unlocked():
     smoke_config.kbc.train_prob = 1.
-  batch = next(input_pipeline.train_iterator(smoke_config, to_device=False))
-  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+  batch = next(input_pipeline.train_iterator(smoke_config))
   image, full = batch['source']['image'], batch['source']['image_full']
   assert full.shape[1] == round(smoke_config.kbc.max_scale * SIZE)
   down = np.asarray(jax.image.resize(full.astype(np.float32), image.shape, 'linear', antialias=True))

@@ -11,6 +11,8 @@ import pytest
 
 from configs import common
 from misc_jax import input_pipeline
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import train
 from misc_jax.evaluators import pck as pck_evaluator
 from misc_jax.models import kbcnet
@@ -164,21 +166,20 @@ def test_overfits_one_batch(smoke_config):
     config.optim.lr = config.optim.backbone_lr = 3e-3
     config.input.augment.photometric = False
     config.eval.threshold = 'image'
-  batch = next(input_pipeline.train_iterator(config))  # [8 devices, 1 pair, ...]
-  model_module, model = train.create_model(config)
-  state = train.replicate(train.initial_state(config, model))
-  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
-  step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
-                                                   model_module=model_module, config=config),
-                  axis_name='batch')
-  eval_step = jax.pmap(functools.partial(pck_evaluator.eval_step, model_module=model_module,
-                                         config=config, num_categories=5), axis_name='batch')
+  mesh = sharding.make_mesh(config)
+  batch = sharding.global_batch(mesh, next(input_pipeline.train_iterator(config, steps_per_batch=1)),
+                               stacked=True)  # one step of 8 pairs, 1 a device
+  model_module, model = state_lib.create_model(config)
+  state = state_lib.initial_state(config, model, mesh)
+  step = train.compile_step(config, model_module, mesh, jax.tree.map(lambda x: x.sharding, state))
+  eval_step = jax.jit(functools.partial(pck_evaluator.eval_step, model_module=model_module,
+                                        config=config, num_categories=5))
   losses = []
   for _ in range(config.total_steps):
-    state, metrics = step(state, batch, rng)
+    state, metrics, _ = step(state, batch, jax.random.key(0), sharding.flags(mesh, False))
     losses.append(float(metrics['loss'][0]))
-  sums, _ = eval_step(state, batch)
-  pck_01 = float(sums['per_image'][0, 1] / sums['pairs'][0])
+  sums, _ = eval_step(state, jax.tree.map(lambda x: x[0], batch))
+  pck_01 = float(sums['per_image'][1] / sums['pairs'])
   assert losses[-1] < losses[0] / 5, losses
   assert pck_01 > 0.9, (pck_01, losses)
 

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from misc_jax import state as state_lib
 from misc_jax import input_pipeline
 from misc_jax import optim
 from misc_jax import train
@@ -15,15 +16,14 @@ def test_frozen_stages_get_no_gradient_and_no_update(smoke_config):
   so they neither cost a backward pass nor take a share of the clipping norm) and they never move."""
   with smoke_config.unlocked():
     smoke_config.model.freeze_stages = 2
-  model_module, model = train.create_model(smoke_config)
-  state = train.initial_state(smoke_config, model)
+  model_module, model = state_lib.create_model(smoke_config)
+  state = state_lib.initial_state(smoke_config, model)
   labels = optim.param_labels(state.params, smoke_config.model)
   assert labels['backbone']['conv1']['kernel'] == 'frozen'
   assert labels['backbone']['layer1_0']['conv1']['kernel'] == 'frozen'
   assert labels['backbone']['layer2_0']['conv1']['kernel'] == 'backbone'
   assert labels['csfa']['proj0']['kernel'] == 'head'
-  batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
-                       next(input_pipeline.train_iterator(smoke_config, to_device=False)))
+  batch = next(input_pipeline.train_iterator(smoke_config))
 
   @jax.jit
   def grads_and_update(state):

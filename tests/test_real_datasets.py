@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 
 from configs import synthetic
 from misc_jax import features
-from misc_jax import train
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax.evaluators import pck as pck_evaluator
 from tfds_builders import build
 
@@ -246,24 +247,24 @@ def test_build_command_then_tfds_load_in_a_fresh_process(tmp_path):
 
 @pytest.fixture(scope='module')
 def random_model():
-  """KBCNet-tiny at initialisation (the smoke config, 52 keypoint slots), replicated for pmap."""
+  """KBCNet-tiny at initialisation (the smoke config, 52 keypoint slots), on the all-`batch` mesh."""
   config = synthetic.get_config('smoke')
   config.input.max_keypoints = 52
-  model_module, model = train.create_model(config)
-  return config, model_module, train.replicate(train.initial_state(config, model))
+  model_module, model = state_lib.create_model(config)
+  return config, model_module, state_lib.initial_state(config, model)
 
 
 @pytest.mark.parametrize('name', DATASETS)
 def test_a_random_model_evaluates_on_every_dataset(name, data_dir, random_model):
-  config, model_module, p_state = random_model
+  config, model_module, state = random_model
   config = config.copy_and_resolve_references()
   config.dataset.name = name
   config.dataset.data_dir = data_dir
   config.eval.threshold = 'image' if name.startswith('pf_pascal') else 'bbox'
   builder = build.get_builder(name, data_dir)
   evaluator = pck_evaluator.Evaluator(config, model_module, 'test',
-                                      builder.info.features['category'].names)
-  metrics, _ = evaluator.evaluate(p_state)
+                                      builder.info.features['category'].names, sharding.make_mesh(config))
+  metrics, _ = evaluator.evaluate(state)
   assert metrics['num_pairs'] == builder.info.splits['test'].num_examples
   assert 0 <= metrics['pck@0.05'] <= metrics['pck@0.1'] <= metrics['pck@0.15'] <= 1
   if name == 'spair71k':

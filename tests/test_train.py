@@ -16,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from misc_jax import state as state_lib
 from misc_jax import rundir
 from misc_jax import train
 from misc_jax import visualize
@@ -61,7 +62,9 @@ def reference(trained_run):
 def test_run_writes_checkpoints_metrics_and_plots(reference):
   workdir, metrics = reference
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [4, 5, 6]  # keep 3
-  assert [p.name for p in (workdir / 'checkpoints_best').iterdir()] == ['6']
+  with rundir.manager(workdir / 'checkpoints', best_metric='pck@0.1') as mgr:
+    assert mgr.best_step() == 6  # the one evaluated step, its metric in the step's metadata
+    assert mgr.metadata(6).metrics == {'pck@0.1': metrics['pck@0.1']}
   assert (workdir / 'eval' / 'validation_00000006.json').exists()
   assert 0 <= metrics['pck@0.05'] <= metrics['pck@0.1'] <= metrics['pck@0.15'] <= 1
   assert metrics['num_pairs'] == 3
@@ -181,10 +184,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(refe
   shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
   _truncate_arrays(workdir / 'checkpoints' / '6')
   # Evaluation: 'latest' falls back to step 5 and names step 6; step 6 itself is reported as damaged.
-  assert train.load_run(str(workdir))[3] == 5
+  assert state_lib.load_run(str(workdir))[3] == 5
   assert 'checkpoint step 6' in caplog.text and 'is damaged' in caplog.text
   with pytest.raises(rundir.DamagedCheckpointError, match='checkpoint step 6 .* is damaged'):
-    train.load_run(str(workdir), '6')
+    state_lib.load_run(str(workdir), '6')
   # Training resumes from step 5, sets step 6 aside and trains it again: the uninterrupted run's result.
   config = _configure(smoke_config, total_steps=STEPS)
   train.train_and_evaluate(config, str(workdir))
@@ -198,12 +201,12 @@ def test_init_from_takes_the_checkpoint_the_config_names(reference, smoke_config
   for choice, step in (('latest', STEPS), ('best', STEPS), ('4', 4)):
     config = _configure(smoke_config, **{'model.init_from': str(reference[0]),
                                          'model.init_from_checkpoint': choice})
-    state = train.initial_state(config, train.create_model(config)[1])
+    state = state_lib.initial_state(config, state_lib.create_model(config)[1])
     jax.tree.map(np.testing.assert_array_equal, state.params, _params(reference[0], step))
   config = _configure(smoke_config, **{'model.init_from': str(reference[0]),
                                        'model.init_from_checkpoint': 'bset'})
   with pytest.raises(ValueError, match="config.model.init_from: checkpoint 'bset': expected"):
-    train.initial_state(config, train.create_model(config)[1])
+    state_lib.initial_state(config, state_lib.create_model(config)[1])
 
 
 def test_an_exported_run_starts_the_modules_a_model_takes_and_leaves_the_rest_fresh(reference, smoke_config,
@@ -212,25 +215,25 @@ def test_an_exported_run_starts_the_modules_a_model_takes_and_leaves_the_rest_fr
   from misc_jax.tools import export_trunk  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'trunk.msgpack'
   export_trunk.export(str(reference[0]), str(path))
-  provenance = json.loads(train.load_trunk(str(path))['provenance'])
+  provenance = json.loads(state_lib.load_trunk(str(path))['provenance'])
   assert provenance['step'] == STEPS and provenance['wall_time_s'] > 0
   assert json.loads(provenance['config'])['dataset']['name'] == 'synthetic_misc/tiny'
   config = _configure(smoke_config, **{'model.trunk_init': str(path)})
-  params = train.initial_state(config, train.create_model(config)[1]).params
-  fresh = train.initial_state(smoke_config, train.create_model(smoke_config)[1]).params
+  params = state_lib.initial_state(config, state_lib.create_model(config)[1]).params
+  fresh = state_lib.initial_state(smoke_config, state_lib.create_model(smoke_config)[1]).params
   trained = _params(reference[0])
-  for module in train.TRUNK:
+  for module in state_lib.TRUNK:
     jax.tree.map(np.testing.assert_array_equal, params[module], trained[module])
   jax.tree.map(np.testing.assert_array_equal, params['decoder'], fresh['decoder'])
   assert any(not np.array_equal(a, b)  # training moved the decoder, so the check above can fail
              for a, b in zip(jax.tree.leaves(trained['decoder']), jax.tree.leaves(fresh['decoder'])))
   whole = _configure(smoke_config, **{'model.trunk_init': str(path),
                                       'model.trunk_modules': ('backbone', 'csfa', 'decoder')})
-  params = train.initial_state(whole, train.create_model(whole)[1]).params
+  params = state_lib.initial_state(whole, state_lib.create_model(whole)[1]).params
   jax.tree.map(np.testing.assert_array_equal, params['decoder'], trained['decoder'])
   other = _configure(smoke_config, **{'model.trunk_init': str(path), 'model.csfa_dim': 16})
   with pytest.raises(ValueError, match=f'{path}: params of the csfa do not fit the model'):
-    train.initial_state(other, train.create_model(other)[1])
+    state_lib.initial_state(other, state_lib.create_model(other)[1])
 
 
 def test_several_steps_per_dispatch_give_the_parameters_of_single_steps(reference, smoke_config, tmp_path):

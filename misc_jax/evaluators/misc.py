@@ -26,11 +26,14 @@ import functools
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import matplotlib
 import numpy as np
 import scipy.optimize
 
 from misc_jax import input_pipeline
+from misc_jax import sharding
 from misc_jax.models import dual_path
 from misc_jax.models import instance_matching
 from misc_jax.models import kbcnet
@@ -214,25 +217,32 @@ def summarize(records, config) -> dict:
 
 
 class Evaluator:
-  """Runs `eval_step` over one split under pmap; `evaluate(p_state)` -> (metrics, first host batch)."""
+  """Runs `eval_step` over one split on the mesh; `evaluate(state)` -> (metrics, this process's first
+  batch and its outputs)."""
 
-  def __init__(self, config, model_module, split: str, category_names):
+  PER_SIDE = ('masks', 'objectness', 'detection_scores')  # [2, B, ...]: pairs on the second axis
+
+  def __init__(self, config, model_module, split: str, category_names, mesh):
     del model_module, category_names  # the dual-path model; per-category tables are pck.py's
-    self.config, self.split = config, split
-    self._p_step = jax.pmap(functools.partial(eval_step, config=config), axis_name='batch')
+    self.config, self.split, self.mesh = config, split, mesh
 
-  def evaluate(self, p_state):
+    def step(state, batch):  # outputs split by pair, as the batch is
+      out = eval_step(state, batch, config=config)
+      return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, self._spec(k)))
+              for k, v in out.items()}
+    self._step = jax.jit(step)
+
+  def _spec(self, key):
+    return P(None, sharding.DATA_AXES) if key in self.PER_SIDE else P(sharding.DATA_AXES)
+
+  def evaluate(self, state):
     records, first = [], None
-    for batch in input_pipeline.eval_iterator(self.config, self.split):
-      out = jax.device_get(self._p_step(p_state, batch))
-      host = jax.device_get(batch)
-      flat = lambda tree: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
-      per_side = ('masks', 'objectness', 'detection_scores')  # [devices, 2, B, ...]
-      out = {k: (v.swapaxes(0, 1).reshape((2, -1) + v.shape[3:]) if k in per_side
-                 else v.reshape((-1,) + v.shape[2:])) for k, v in out.items()}
-      records.append(pair_records(flat(host), out, self.config))
+    for local in input_pipeline.eval_iterator(self.config, self.split):
+      out = self._step(state, sharding.global_batch(self.mesh, local))
+      out = {k: sharding.local_part(self.mesh, v, self._spec(k)) for k, v in out.items()}
+      records.append(pair_records(local, out, self.config))
       if first is None:
-        first = {'batch': flat(host), 'prediction': out}
+        first = {'batch': local, 'prediction': out}
     records = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
     if jax.process_count() > 1:  # every process evaluated its share of the split
       records = {k: np.asarray(multihost_utils.process_allgather(v)).reshape((-1,) + v.shape[1:])

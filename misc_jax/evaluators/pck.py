@@ -14,12 +14,12 @@ peers' published numbers as well as ours.
 import functools
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from misc_jax import input_pipeline
 from misc_jax import kbc
+from misc_jax import sharding
 from misc_jax import visualize
 from misc_jax.models import supervision
 from misc_jax.ops import pck
@@ -59,7 +59,7 @@ def _threshold(name: str, out, size: int):
 
 
 def eval_step(state, batch, *, model_module, config, num_categories: int):
-  """Sums over all devices of one batch's PCK counts, and this device's predictions."""
+  """One global batch's PCK counts, summed over its pairs, and the per-pair predictions."""
   out = predict(state, batch, model_module=model_module, config=config)
   size = config.input.image_size
   score = lambda name: pck.pck(out['pred'], out['gt'], out['valid'], _threshold(name, out, size),
@@ -80,26 +80,27 @@ def eval_step(state, batch, *, model_module, config, num_categories: int):
   for name, values in batch.get('attributes', {}).items():
     levels = jax.nn.one_hot(values, ATTRIBUTE_LEVELS) * counted[:, None]  # [B, L]
     sums['attributes'][name] = {'per_image': levels.T @ res['per_image'], 'pairs': levels.sum(0)}
-  return lax.psum(sums, 'batch'), out
+  return sums, out
 
 
 class Evaluator:
-  """Runs `eval_step` over one split under pmap; `evaluate(p_state)` -> (metrics, first host batch)."""
+  """Runs `eval_step` over one split on the mesh; `evaluate(state)` -> (metrics, this process's first
+  batch and its predictions)."""
 
-  def __init__(self, config, model_module, split: str, category_names):
-    self.config, self.split, self.category_names = config, split, list(category_names)
+  def __init__(self, config, model_module, split: str, category_names, mesh):
+    self.config, self.split, self.category_names, self.mesh = config, split, list(category_names), mesh
     step = functools.partial(eval_step, model_module=model_module, config=config,
                              num_categories=len(self.category_names))
-    self._p_step = jax.pmap(step, axis_name='batch')
+    self._step = jax.jit(step, out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
 
-  def evaluate(self, p_state):
+  def evaluate(self, state):
     total, first = None, None
-    for batch in input_pipeline.eval_iterator(self.config, self.split):
-      sums, out = self._p_step(p_state, batch)
-      sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)  # identical on every device
+    for local in input_pipeline.eval_iterator(self.config, self.split):
+      sums, out = self._step(state, sharding.global_batch(self.mesh, local))
+      sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)  # replicated: every process has it
       total = sums if total is None else jax.tree.map(np.add, total, sums)
       if first is None:
-        first = jax.device_get({'batch': batch, 'prediction': out})
+        first = {'batch': local, 'prediction': sharding.local_part(self.mesh, out)}
     return self._metrics(total), first
 
   def plot(self, first, path: str) -> None:

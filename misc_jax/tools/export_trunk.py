@@ -19,12 +19,12 @@ import flax
 import jax
 
 from misc_jax import rundir
-from misc_jax import train
+from misc_jax import state as state_lib
 from misc_jax import visualize
 
 
 def export(workdir: str, out: str, checkpoint: str = 'latest') -> dict:
-  config, _, state, step = train.load_run(workdir, checkpoint)
+  config, _, state, step = state_lib.load_run(workdir, checkpoint)
   params = jax.device_get(state.params)
   stats = jax.device_get(state.batch_stats)
   uptime = visualize.read_scalars(str(rundir.absolute(workdir))).get('uptime', [(step, float('nan'))])

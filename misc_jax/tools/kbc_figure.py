@@ -30,8 +30,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   builder = build.build(config.dataset.name, config.dataset.data_dir)
-  batch = next(input_pipeline.eval_iterator(config, config.dataset.eval_split, to_device=False))
-  batch = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])[:_PAIRS.value], batch)
+  batch = next(input_pipeline.eval_iterator(config, config.dataset.eval_split))
+  batch = jax.tree.map(lambda x: x[:_PAIRS.value], batch)
   src_kps, src_valid, trg_kps, valid, _ = supervision.instance_targets(batch)
   crops = dict(zip(('source', 'target'), kbc.ground_truth_crops(
       src_kps, src_valid, trg_kps, valid, config.input.image_size, config.kbc)))

@@ -17,10 +17,13 @@ from absl import app
 from absl import flags
 from etils import epath
 import jax
+import ml_collections
 import tensorflow as tf
 import tqdm
 
 from misc_jax import rundir
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import train
 from tfds_builders import build
 
@@ -33,16 +36,16 @@ def sweep(workdir: str, split: str, values: dict, checkpoint: str = 'latest',
   ({field: [value, ...]}; fields left out keep the run's value)."""
   config = rundir.read_config(workdir)
   config.dataset.data_dir = data_dir or config.dataset.data_dir
-  config, model_module, state, _ = train.load_run(workdir, checkpoint, config)
+  config, model_module, state, _ = state_lib.load_run(workdir, checkpoint, config)
   names = build.get_builder(config.dataset.name, config.dataset.data_dir).info.features['category'].names
-  p_state = train.replicate(state)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict())  # data parallel over every device
   grid = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
   rows = []
   for settings in tqdm.tqdm([None] + grid, desc='kbc sweep'):
     c = config.copy_and_resolve_references()
     c.kbc.eval = settings is not None
     c.kbc.update(settings or {})
-    metrics, _ = train.evaluator_for(c, model_module, split, names).evaluate(p_state)
+    metrics, _ = train.evaluator_for(c, model_module, split, names, mesh).evaluate(state)
     rows.append({'kbc': settings or False,
                  **{k: v for k, v in metrics.items() if k.startswith('pck@') or k == 'num_pairs'}})
   return rows
