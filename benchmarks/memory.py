@@ -5,7 +5,7 @@ r"""Device memory of one KBCNet training step, naive vs memory-bounded 4D decode
   python benchmarks/memory.py --config configs/kbcnet_dinov2_spair.py:vitb14,\
 configs/kbcnet_dinov2_spair.py:vitg14 [--set model.freeze_backbone=False] [--batch 1]
 
-For feature grids of size x size per image (input images of size * 8 pixels), compiles the real pmapped
+For feature grids of size x size per image (input images of size * 8 pixels), compiles the real jitted
 training step (`train.train_step`: forward, loss, backward, AdamW update) for one device and reads XLA's
 memory analysis: temporary buffers, and arguments (parameters, optimiser state, batch). Nothing runs, so
 sizes this machine could not hold are planned from here; on an accelerator the same numbers come from
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configs import synthetic  # pylint: disable=g-import-not-at-top
 from misc_jax import input_pipeline
 from misc_jax import optim
+from misc_jax import state as state_lib
 from misc_jax import train
 from misc_jax.models import kbcnet
 from tfds_builders import build
@@ -39,21 +40,17 @@ def step_memory(config, chunk_rows: int) -> dict:
   """Compiled memory (GiB) of one train step for `config` with decoder_chunk_rows = chunk_rows."""
   with config.unlocked():
     config.model.decoder_chunk_rows = chunk_rows
-  model_module, model = train.create_model(config)
+  model_module, model = state_lib.create_model(config)
   size = config.input.image_size
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   state = jax.eval_shape(lambda: optim.create_train_state(
       config, model.apply, dict(model.init(jax.random.key(0), images, images))))
-  batch = next(input_pipeline.train_iterator(config))  # [1, batch, ...]
-  add_device_axis = lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
-  rng = jax.ShapeDtypeStruct((1, 2), jnp.uint32)
-  step = jax.pmap(lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r),
-                                                   model_module=model_module, config=config),
-                  axis_name='batch')
+  batch = next(input_pipeline.train_iterator(config))  # [batch, ...]
+  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model_module=model_module,
+                                               config=config))
   start = time.perf_counter()
-  stats = step.lower(jax.tree.map(add_device_axis, state),
-                     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch),
-                     rng).compile().memory_analysis()
+  stats = step.lower(state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+                     ).compile().memory_analysis()
   gib = lambda n: n / 2**30
   return dict(temp_gib=gib(stats.temp_size_in_bytes), argument_gib=gib(stats.argument_size_in_bytes),
               total_gib=gib(stats.temp_size_in_bytes + stats.argument_size_in_bytes),

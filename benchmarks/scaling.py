@@ -6,7 +6,7 @@ the losses agree.
 
 Each device count runs in a fresh process: on CPU with that many fake devices
 (`--xla_force_host_platform_device_count`), which share this machine's cores, so the step time shows the
-cost of the scaling code (pmap, the gradient all-reduce), not a speed-up; with `--platform gpu` on the
+cost of the scaling code (the partitioned step, the gradient all-reduce), not a speed-up; with `--platform gpu` on the
 first N GPUs (CUDA_VISIBLE_DEVICES). Fixed global batch (strong scaling): the same random pairs are split
 over the devices, so every count must give the same loss at every step, up to float32 summation order.
 The tiny variant normalises with GroupNorm, so no statistic depends on the split.
@@ -32,8 +32,7 @@ def worker(args):
   if args.global_batch % n:
     raise SystemExit(f'--global_batch {args.global_batch} does not split over {n} devices')
   config = train_step.benchmark_config(args.variant, args.size, 'float32', args.global_batch)
-  batch = train_step.random_batch(config, 1, args.global_batch)  # the same pairs for every device count
-  batch = jax.tree.map(lambda x: x.reshape(n, args.global_batch // n, *x.shape[2:]), batch)
+  batch = train_step.random_batch(config, args.global_batch)  # the same pairs for every device count
   run = train_step.run_steps(config, batch, args.steps)
   print(RESULT + json.dumps(dict(devices=n, device_kind=jax.devices()[0].device_kind,
                                  per_device_batch=args.global_batch // n, **run)), flush=True)

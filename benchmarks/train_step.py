@@ -6,7 +6,8 @@ r"""Training throughput of KBCNet: pairs/s, step time, XLA FLOPs, and the fracti
       [--peak_tflops P] [--profile DIR] [--out benchmarks/results/train_step_cpu.json]
   python benchmarks/train_step.py --config configs/kbcnet_spair.py,configs/misc210k_dualpath.py
 
-Times the real pmapped `train.train_step` (forward, loss, backward, AdamW) on random inputs of fixed shape
+Times the real jitted training step (`train.compile_step`: forward, loss, backward, AdamW; on config.mesh,
+by default data parallel over every device) on random inputs of fixed shape
 (the input pipeline is benchmarks/input_pipeline.py's), one pair per device by default, feature stride 16
 for ResNet variants (a 15 x 15 grid at 240 px, 32 x 32 at 512) and 8 for the tiny one unless
 `--feature_stride` says otherwise. FLOPs per step come from XLA's cost analysis of the step lowered for
@@ -42,6 +43,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's configs/
 from configs import synthetic  # pylint: disable=g-import-not-at-top
+from misc_jax import sharding
+from misc_jax import state as state_lib
 from misc_jax import train
 from misc_jax.models import kbcnet
 
@@ -64,11 +67,11 @@ def matmul_gflops(n: int, dtype: str, reps: int = 10):
   return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def random_batch(config, devices: int, per_device: int):
-  """A batch of the pipeline's layout [devices, per_device, ...] with random images and keypoints."""
+def random_batch(config, batch: int):
+  """A batch of the pipeline's layout [batch, ...] with random images and keypoints."""
   rng = np.random.default_rng(0)
   s, i, k = config.input.image_size, config.input.max_instances, config.input.max_keypoints
-  shape = (devices, per_device)
+  shape = (batch,)
 
   def side():
     kps = rng.uniform(0.1 * s, 0.9 * s, shape + (i, k, 2)).astype(np.float32)
@@ -100,49 +103,47 @@ def benchmark_config(variant: str, size: int, dtype: str, batch_size: int, chunk
 
 
 def model_flops(step_fn, *args) -> float:
-  """XLA's FLOP count of one device's `step_fn(*args)` (args with a leading device axis), lowered for the
-  CPU whatever the device, so that every backend reports the same count: XLA:GPU's count of a compiled
-  step leaves out the convolutions it hands to cuDNN. A loop body (the chunked decoder's) counts once."""
-  one_device = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), args)
-  lowered = jax.jit(jax.vmap(step_fn, axis_name='batch')).trace(*one_device).lower(
-      lowering_platforms=('cpu',))
-  return lowered.cost_analysis()['flops']
+  """XLA's FLOP count of `step_fn(*args)` (args: one device's share), lowered for the CPU whatever the
+  device, so that every backend reports the same count: XLA:GPU's count of a compiled step leaves out
+  the convolutions it hands to cuDNN. A loop body (the chunked decoder's) counts once."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  return jax.jit(step_fn).trace(*abstract).lower(lowering_platforms=('cpu',)).cost_analysis()['flops']
 
 
 def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) -> dict:
-  """Compiles the pmapped train step for `host_batch` ([devices, per_device, ...]) and times `steps` calls
-  after one warm-up call; raises if a timed call compiles again. Returns times, losses, FLOPs (the model's,
-  and the compiled step's as XLA counts it on this backend) and XLA's memory plan; with `profile_dir`, also
-  the cost per step of each operation in a profile of `steps` more calls. With config.steps_per_dispatch
-  = k > 1 each call runs k steps (train.train_steps, the batch repeated k times) and times are per call."""
-  model_module, model = train.create_model(config)
-  p_state = train.replicate(train.initial_state(config, model))
+  """Compiles the training step for `host_batch` ([batch, ...], split over config.mesh) and times `steps`
+  calls after one warm-up call; raises if a timed call compiles again. Returns times, losses, FLOPs (the
+  model's on one device's share of the batch, and the compiled step's as XLA counts it on this backend)
+  and XLA's memory plan; with `profile_dir`, also the cost per step of each operation in a profile of
+  `steps` more calls. With config.steps_per_dispatch = k > 1 each call runs k steps (train.train_steps,
+  the batch repeated k times) and times are per call."""
+  mesh = sharding.make_mesh(config)
+  model_module, model = state_lib.create_model(config)
+  state = state_lib.initial_state(config, model, mesh)
   k = config.get('steps_per_dispatch', 1)
-  rng = train.replicate(jax.random.key_data(jax.random.key(0)))
-  one_step = lambda s, b, r: train.train_step(s, b, jax.random.wrap_key_data(r), model_module=model_module,
-                                              config=config)
-  flops = model_flops(one_step, p_state, host_batch, rng)  # one step's, whatever k
-  if k > 1:
-    host_batch = jax.tree.map(lambda x: np.repeat(x[:, None], k, 1), host_batch)  # [devices, k, ...]
-  batch = jax.pmap(lambda x: x)(host_batch)  # on the devices, once
-  step_fn = lambda s, b, r: (train.train_steps if k > 1 else train.train_step)(
-      s, b, jax.random.wrap_key_data(r), model_module=model_module, config=config)
-  step = jax.pmap(step_fn, axis_name='batch', donate_argnums=(0,))
+  rng = jax.random.key(0)
+  one_step = lambda s, b: train.train_step(s, b, rng, model_module=model_module, config=config)
+  share = jax.tree.map(lambda x: x[:len(x) // jax.device_count()], host_batch)
+  flops = model_flops(one_step, jax.device_get(state), share)  # one step's, whatever k
+  batch = sharding.global_batch(mesh, jax.tree.map(lambda x: np.repeat(x[None], k, 0), host_batch),
+                                stacked=True)  # [k, batch, ...] on the devices, once
+  step = train.compile_step(config, model_module, mesh, jax.tree.map(lambda x: x.sharding, state))
+  go = sharding.flags(mesh, False)
   start = time.perf_counter()
-  compiled = step.lower(p_state, batch, rng).compile()
+  compiled = step.lower(state, batch, rng, go).compile()
   compile_s = time.perf_counter() - start
   compiled_flops = (compiled.cost_analysis() or {}).get('flops', float('nan'))
   memory = compiled.memory_analysis()
-  p_state, metrics = step(p_state, batch, rng)  # warm-up (the first call also compiles)
-  losses = [float(np.ravel(metrics['loss'][0])[-1])]
+  state, metrics, _ = step(state, batch, rng, go)  # warm-up (the first call also compiles)
+  losses = [float(np.ravel(metrics['loss'])[-1])]
   compiles_before = len(_COMPILES)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    p_state, metrics = step(p_state, batch, rng)
+    state, metrics, _ = step(state, batch, rng, go)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-    losses.append(float(np.ravel(metrics['loss'][0])[-1]))
+    losses.append(float(np.ravel(metrics['loss'])[-1]))
   if len(_COMPILES) != compiles_before:
     raise RuntimeError(f'{len(_COMPILES) - compiles_before} recompilations during timed steps')
   device_stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU: the allocator's peak so far
@@ -152,7 +153,7 @@ def run_steps(config, host_batch, steps: int, profile_dir: str | None = None) ->
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(steps):
-        p_state, metrics = step(p_state, batch, rng)
+        state, metrics, _ = step(state, batch, rng, go)
         jax.block_until_ready(metrics)
     run['costs'] = costs_by_source(profile_dir, compiled.as_text(), steps)
   return run
@@ -192,7 +193,7 @@ def costs_by_source(trace_dir: str, hlo: str, steps: int) -> dict:
   for event in events:
     if event.get('ph') != 'X' or event.get('name') not in info:
       continue  # runtime bookkeeping, not an HLO instruction
-    name = re.sub(r'^(pmap\([^)]*\)/)?(jit\([^)]*\)/)*', '', op_name(event['name']))
+    name = re.sub(r'^(jit\([^)]*\)/)*', '', op_name(event['name']))
     costs[name] += event['dur'] / 1e3 / steps
   return dict(costs.most_common())
 
@@ -219,7 +220,7 @@ def measure(config, per_device: int, steps: int, profile_dir: str | None = None)
   with config.unlocked():
     config.batch_size = devices * per_device
     config.total_steps = config.total_steps or 1000  # epoch-based configs: the schedule does not matter
-  run = run_steps(config, random_batch(config, devices, per_device), steps, profile_dir)
+  run = run_steps(config, random_batch(config, devices * per_device), steps, profile_dir)
   k = config.get('steps_per_dispatch', 1)
   seconds = statistics.median(run['times']) / k  # per training step
   size = config.input.image_size
@@ -277,7 +278,7 @@ def main():
   parser.add_argument('--feature_stride', type=int, default=0,
                       help='image pixels per feature cell (0: 8 for kbcnet_tiny, 16 for ResNets)')
   parser.add_argument('--steps_per_dispatch', default='1',
-                      help='training steps per pmapped call to time, e.g. 1,4,16 (config.steps_per_dispatch)')
+                      help='training steps per call to time, e.g. 1,4,16 (config.steps_per_dispatch)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override a config field of every configuration, e.g. model.freeze_stages=2')
   parser.add_argument('--peak_tflops', type=float, default=None,

@@ -4,7 +4,7 @@
 #   launch/gpu_local.sh --config configs/kbcnet_spair.py --workdir runs/spair [--per_gpu] [--dry_run] \
 #       [-- --config.batch_size=32 ...]
 #
-# Default: one process drives every visible GPU through pmap. --per_gpu: one process per GPU, joined by
+# Default: one process drives every visible GPU (one jit step over the mesh). --per_gpu: one process per GPU, joined by
 # jax.distributed over loopback (what a multi-node run does, on one machine). Arguments after -- go to
 # misc_jax.main; --dry_run prints the commands. Ctrl-C (or SIGTERM) checkpoints and stops every process.
 set -euo pipefail

@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   k = check_dispatch(config, start)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = compile_step(config, model_module, mesh, state_shardings)
-  rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
   evaluator = evaluator_for(config, model_module, config.dataset.eval_split, category_names, mesh)
   mgr = _checkpoint_manager(config, run_dir)
 
