@@ -10,6 +10,8 @@ benchmarks/train_step.py), prints the ratio of the pipeline's rate to the step's
 resolution: the pipeline should deliver at least 3x what the step consumes. `--cores 1,2` measures the
 pipeline pinned to 1 and to 2 cores (each in a process of its own, its CPU affinity set before TensorFlow
 starts): pairs/s per decoding core, from which the cores a host needs per accelerator follow.
+`--resume_steps 0,1000,100000` instead times the first batch of a run resumed at each step (what a
+restart waits for before its first step: the records of the resumed epoch before the step are skipped).
 """
 
 import argparse
@@ -34,6 +36,12 @@ def examples_per_second(config, batches: int, warmup: int = 5) -> float:
   for _ in range(batches):
     next(it)
   return batches * config.batch_size / (time.perf_counter() - start)
+
+
+def seconds_to_first_batch(config, start_step: int) -> float:
+  start = time.perf_counter()
+  next(input_pipeline.train_iterator(config, start_step=start_step))
+  return time.perf_counter() - start
 
 
 def per_core(args) -> list[dict]:
@@ -68,6 +76,7 @@ def main():
   parser.add_argument('--pin', type=int, default=0, help=argparse.SUPPRESS)  # set by --cores
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override a config field, e.g. input.augment.cats_colour=0.2')
+  parser.add_argument('--resume_steps', default=None, help='e.g. 0,1000,100000: time a resume at each')
   args = parser.parse_args()
   if args.cores:
     rows = per_core(args)
@@ -94,6 +103,13 @@ def main():
       for item in args.set:
         key, _, value = item.partition('=')
         config.update_from_flattened_dict({key: ast.literal_eval(value)})
+    if args.resume_steps:
+      for step in map(int, args.resume_steps.split(',')):
+        seconds = seconds_to_first_batch(config, step)
+        print(f'| {size} | resumed at step {step:,} ({step * args.batch:,} pairs in): first batch in '
+              f'{seconds:.2f} s | | |', flush=True)
+        rows.append(dict(image_size=size, resume_step=step, seconds_to_first_batch=seconds))
+      continue
     rate = examples_per_second(config, args.batches)
     consumers = [r for r in steps if r['image_size'] == size] or [None]
     for step in consumers:

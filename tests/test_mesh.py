@@ -52,7 +52,7 @@ def runs(tiny_data_dir):
   return {shape: _train(_config(smoke, shape), batches) for shape in MESHES}, smoke
 
 
-@pytest.mark.slow
+@pytest.mark.pod
 def test_every_mesh_gives_the_losses_of_the_all_batch_mesh(runs):
   results, _ = runs
   losses, first, _, _ = results[(8, 1)]
@@ -64,7 +64,7 @@ def test_every_mesh_gives_the_losses_of_the_all_batch_mesh(runs):
                  first)
 
 
-@pytest.mark.slow
+@pytest.mark.pod
 def test_fsdp_splits_the_large_arrays_and_the_step_compiles_once(runs):
   results, smoke = runs
   for shape in MESHES:
@@ -87,7 +87,7 @@ def test_fsdp_splits_the_large_arrays_and_the_step_compiles_once(runs):
   del smoke
 
 
-@pytest.mark.slow
+@pytest.mark.pod
 def test_a_checkpoint_saved_on_one_mesh_restores_exactly_on_others(runs, tmp_path):
   results, smoke = runs
   saved = results[(2, 4)][2]

@@ -25,7 +25,7 @@ TOTAL = 8
 SETTINGS = {**SMOKE_OVERRIDES, 'optim.final_lr_fraction': 1.0, 'mesh.batch': 1, 'mesh.fsdp': 8,
             'mesh.fsdp_min_size': 256, 'eval_every_steps': 1000}
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.pod
 
 
 def _start(workdir, data_dir, logs, **overrides):

@@ -97,4 +97,7 @@ def test_folded_batchnorm_gives_the_same_features_and_gradients():
   (a, ga), (b, gb) = loss(folded)(variables['params']), loss(plain)(variables['params'])
   np.testing.assert_allclose(a, b, rtol=1e-4)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-5 * float(np.abs(y).max()))
+    # Summation-order noise of the folded convolution depends on the CPU's kernels: elementwise, on an AMD
+    # EPYC without AVX-512, up to 10% on gradients near zero (1.6e-7 vs 0.9e-7), so each array is compared
+    # as a whole: a wrong fold is off by its own size.
+    assert np.linalg.norm(x - y) <= 1e-3 * np.linalg.norm(y), (x.shape, np.linalg.norm(x - y))

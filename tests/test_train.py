@@ -240,6 +240,6 @@ def test_several_steps_per_dispatch_give_the_parameters_of_single_steps(referenc
 def _relative_difference(params, reference, start):
   """|params - reference| / |reference - start| (global norms): the disagreement of two ways of taking
   the same steps, relative to how far the steps went."""
-  norm = lambda tree: float(optax.global_norm(tree))
+  norm = lambda tree: float(optax.tree.norm(tree))
   difference = norm(jax.tree.map(np.subtract, params, reference))
   return difference / norm(jax.tree.map(np.subtract, reference, start))
