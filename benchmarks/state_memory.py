@@ -13,7 +13,6 @@ shapes, as a check. Frozen parameters keep no AdamW moments, so a frozen backbon
 
 import argparse
 import ast
-import importlib
 import json
 import math
 import os
@@ -26,13 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from misc_jax import sharding  # pylint: disable=g-import-not-at-top
 from misc_jax import state as state_lib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/train_step.py)
+
 GIB = 2 ** 30
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(':')
-  module = importlib.import_module(os.path.splitext(os.path.normpath(path))[0].replace(os.sep, '.'))
-  return module.get_config(arg or None)
 
 
 def measure(config, fsdp: int) -> dict:
@@ -66,7 +62,7 @@ def main():
   print('|---|---|---|---|---|---|---|')
   rows = []
   for spec in args.config.split(','):
-    config = load_config(spec)
+    config = train_step.load_config(spec)
     for item in args.set:
       key, _, value = item.partition('=')
       try:
