@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import tensorflow as tf
 
+from misc_jax import cli
 from misc_jax import rundir
 from misc_jax import sharding
 from misc_jax import state as state_lib
@@ -56,8 +57,8 @@ def evaluate(workdir: str, *, checkpoint: str = 'latest', dataset: str | None = 
     config.kbc.eval = kbc
   builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(f'{config.dataset.name} is not built in {builder.data_dir}; build it with '
-                            f'python -m tfds_builders.build {config.dataset.name} --manual_dir ...')
+    raise FileNotFoundError(f'{config.dataset.name} is not built in {builder.data_dir}; build it with: '
+                            f'{build.command(builder)}')
   try:
     builder.info.splits[split]  # a name, or a slice of one: 'train[:200]', 'test[50%:]'
   except ValueError as e:
@@ -111,15 +112,15 @@ def category_table(report: dict) -> str:
 
 def _define_flags():
   """The command's flags (defined only when it runs: tests import this module)."""
-  flags.DEFINE_string('workdir', None, 'The run to evaluate (holds config.json and checkpoints).')
+  cli.DEFINE_path('workdir', None, 'The run to evaluate (holds config.json and checkpoints).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
   flags.DEFINE_string('dataset', None, 'A built TFDS dataset, e.g. pf_willow (default: the run\'s).')
   flags.DEFINE_string('split', 'test', 'The split to evaluate, or a slice of it ("train[:200]").')
-  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: the run\'s).')
+  cli.DEFINE_path('data_dir', None, 'TFDS data dir (default: the run\'s).')
   flags.DEFINE_enum('threshold', None, ['bbox', 'image'], 'PCK threshold (default: by dataset).')
   flags.DEFINE_bool('kbc', None, 'KBC second pass at evaluation (default: the run\'s config.kbc.eval).')
-  flags.DEFINE_string('output', None, 'Report path (default: WORKDIR/eval/...).')
-  flags.DEFINE_string('plot', None, 'Also draw the first batch\'s predictions to this PNG.')
+  cli.DEFINE_path('output', None, 'Report path (default: WORKDIR/eval/...).')
+  cli.DEFINE_path('plot', None, 'Also draw the first batch\'s predictions to this PNG.')
   flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: override a config field, e.g. '
                             'eval.objectness_threshold=0.4 or kbc.max_scale=3.')
   flags.mark_flags_as_required(['workdir'])
@@ -160,8 +161,7 @@ def main(argv):
 
 def run():
   """The misc-jax-evaluate console script."""
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags, __name__)
 
 
 if __name__ == '__main__':

@@ -26,6 +26,7 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from misc_jax import cli
 from misc_jax import input_pipeline
 from misc_jax import rundir
 from misc_jax import state as state_lib
@@ -35,7 +36,7 @@ from tfds_builders import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where config, logs, checkpoints and plots go.')
+_WORKDIR = cli.DEFINE_path('workdir', None, 'Where config, logs, checkpoints and plots go.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Initialise jax.distributed from the environment.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
@@ -146,7 +147,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; the accelerators belong to JAX.
   logging.get_absl_handler().addFilter(_quiet_orbax_info)
   init_distributed()
-  config, run_dir = _CONFIG.value, rundir.expand(_WORKDIR.value)
+  config, run_dir = _CONFIG.value, _WORKDIR.value
   rundir.expand_paths(config)
   train.check_config(config)
   lead = jax.process_index() == 0

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from misc_jax import cli
 from misc_jax import kbc
 from misc_jax import rundir
 from misc_jax import sharding
@@ -165,6 +166,8 @@ def read_keypoints(path: str) -> np.ndarray:
                        f'the keys {sorted(data)}')
     data = data['keypoints']
   try:
+    if _has_bool(data):  # JSON true/false would read as 1/0
+      raise TypeError('booleans are not coordinates')
     kps = np.asarray(data, np.float64)
   except (ValueError, TypeError):
     raise ValueError(f'{path}: keypoints must be numbers, [[x, y], ...]; got '
@@ -172,6 +175,12 @@ def read_keypoints(path: str) -> np.ndarray:
   if kps.ndim != 2 or kps.shape[1] != 2:
     raise ValueError(f'{path}: expected [[x, y], ...], got an array of shape {kps.shape}')
   return kps.astype(np.float32)
+
+
+def _has_bool(data) -> bool:
+  if isinstance(data, list):
+    return any(map(_has_bool, data))
+  return isinstance(data, bool)
 
 
 def grid_in_box(box, n: int) -> np.ndarray:
@@ -248,17 +257,17 @@ def predict_pairs(predictor: Predictor, requests, output_dir: str, use_kbc: bool
 
 def _define_flags():
   """The command's flags (defined only when it runs: tests import this module)."""
-  flags.DEFINE_string('workdir', None, 'A run (config.json and checkpoints).')
+  cli.DEFINE_path('workdir', None, 'A run (config.json and checkpoints).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
-  flags.DEFINE_string('source', None, 'Source image.')
-  flags.DEFINE_string('target', None, 'Target image.')
-  flags.DEFINE_string('keypoints', None, 'JSON file of source keypoints [[x, y], ...].')
+  cli.DEFINE_path('source', None, 'Source image.')
+  cli.DEFINE_path('target', None, 'Target image.')
+  cli.DEFINE_path('keypoints', None, 'JSON file of source keypoints [[x, y], ...].')
   flags.DEFINE_list('bbox', None, 'x1,y1,x2,y2: sample a grid of source keypoints inside it.')
   flags.DEFINE_integer('grid', 5, 'With --bbox: grid x grid keypoints.')
   flags.DEFINE_bool('kbc', True, 'KBC second pass on crops around the keypoints.')
-  flags.DEFINE_string('output', 'prediction.json', 'Output JSON (a PNG is written next to it).')
-  flags.DEFINE_string('pairs', None, 'Batch mode: CSV with source, target, keypoints or bbox.')
-  flags.DEFINE_string('output_dir', 'predictions', 'Batch mode: where the outputs go.')
+  cli.DEFINE_path('output', 'prediction.json', 'Output JSON (a PNG is written next to it).')
+  cli.DEFINE_path('pairs', None, 'Batch mode: CSV with source, target, keypoints or bbox.')
+  cli.DEFINE_path('output_dir', 'predictions', 'Batch mode: where the outputs go.')
   flags.mark_flags_as_required(['workdir'])
 
 
@@ -288,8 +297,7 @@ def main(argv):
 
 def run():
   """The misc-jax-predict console script."""
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags, __name__)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from misc_jax.cli import expand
+
 # Config fields that hold paths: `~` and environment variables in them are expanded.
 PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.trunk_init', 'model.init_from')
 
@@ -38,13 +40,6 @@ class DamagedCheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 # Paths and config.json.
 # ----------------------------------------------------------------------------------------------------------
-
-def expand(path: str | None) -> str | None:
-  """'~/x' and '$HOME/x' -> absolute-looking local paths; URLs (gs://...) and None unchanged."""
-  if not path or '://' in str(path):
-    return path
-  return os.path.expandvars(os.path.expanduser(str(path)))
-
 
 def absolute(path) -> epath.Path:
   """Orbax needs absolute paths; URLs (gs://...) are left alone."""

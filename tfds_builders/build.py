@@ -18,6 +18,8 @@ from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import shard_utils
 
+from misc_jax import cli
+
 SKIP_LOG = 'skipped_examples.tsv'
 
 
@@ -63,7 +65,7 @@ def get_builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.D
   if config_name and config_name not in configs:
     raise ValueError(f'{dataset} has no config {config_name!r}; its configs are '
                      f'{", ".join(configs) if configs else "(none: name the dataset alone)"}')
-  return tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None, **kwargs)
+  return tfds.builder(name, data_dir=cli.expand(data_dir), **kwargs)
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
@@ -79,8 +81,7 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
   builder = get_builder(name, data_dir, **kwargs)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  if manual_dir:
-    manual_dir = os.path.expanduser(manual_dir)
+  manual_dir = cli.expand(manual_dir)
   builder.download_and_prepare(download_config=_DownloadConfig(
       manual_dir=manual_dir, max_shard_size=max_shard_size, download_mode=mode,
       try_download_gcs=False))
@@ -94,6 +95,18 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
   for line in shortfall(builder):
     logging.warning(line)
   return builder
+
+
+def command(builder, overwrite: bool = False) -> str:
+  """The shell command that builds `builder`'s dataset where the builder looks for it (with --manual_dir
+  only for a dataset whose archives are downloaded by hand)."""
+  parts = ['python -m tfds_builders.build', builder.info.full_name.rsplit('/', 1)[0],
+           f'--data_dir {builder.data_dir_root}']
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    parts.append('--manual_dir DIR_OF_THE_ARCHIVES')
+  if overwrite:
+    parts.append('--overwrite')
+  return ' '.join(parts)
 
 
 def shortfall(builder) -> list[str]:
@@ -112,9 +125,9 @@ def shortfall(builder) -> list[str]:
 
 def _define_flags():
   """The command's flags (defined only when it runs: other modules import this one)."""
-  flags.DEFINE_string('data_dir', None,
+  cli.DEFINE_path('data_dir', None,
                       'TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).')
-  flags.DEFINE_string('manual_dir', None, 'Where the licensed archives were unpacked.')
+  cli.DEFINE_path('manual_dir', None, 'Where the licensed archives were unpacked.')
   flags.DEFINE_integer('max_shard_size', 16 << 20, 'Largest shard, in bytes.')
   flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
   flags.DEFINE_bool('skip_bad_examples', False,

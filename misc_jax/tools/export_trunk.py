@@ -18,6 +18,7 @@ from etils import epath
 import flax
 import jax
 
+from misc_jax import cli
 from misc_jax import rundir
 from misc_jax import state as state_lib
 from misc_jax import visualize
@@ -51,8 +52,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'The run whose trunk is exported.')
-  flags.DEFINE_string('out', None, 'The msgpack file to write.')
+  cli.DEFINE_path('workdir', None, 'The run whose trunk is exported.')
+  cli.DEFINE_path('out', None, 'The msgpack file to write.')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step number.")
   flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from misc_jax import cli
 from misc_jax import input_pipeline
 from misc_jax import kbc
 from misc_jax import visualize
@@ -21,7 +22,7 @@ from misc_jax.models import supervision
 from tfds_builders import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
-_OUT = flags.DEFINE_string('out', None, 'PNG to write.')
+_OUT = cli.DEFINE_path('out', None, 'PNG to write.')
 _PAIRS = flags.DEFINE_integer('pairs', 2, 'How many pairs to draw.')
 flags.mark_flags_as_required(['config', 'out'])
 

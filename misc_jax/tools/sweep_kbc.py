@@ -21,6 +21,7 @@ import ml_collections
 import tensorflow as tf
 import tqdm
 
+from misc_jax import cli
 from misc_jax import rundir
 from misc_jax import sharding
 from misc_jax import state as state_lib
@@ -64,10 +65,10 @@ def table(rows: list[dict]) -> str:
 
 
 def _define_flags():
-  flags.DEFINE_string('workdir', None, 'A trained run.')
+  cli.DEFINE_path('workdir', None, 'A trained run.')
   flags.DEFINE_string('split', 'validation', 'A validation split (never the test split).')
   flags.DEFINE_string('checkpoint', 'best', "'latest', 'best' or a step number.")
-  flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: the run\'s).')
+  cli.DEFINE_path('data_dir', None, 'TFDS data dir (default: the run\'s).')
   for field in FIELDS:
     flags.DEFINE_list(field, None, f'Values of config.kbc.{field} to try (default: the run\'s).')
   flags.mark_flags_as_required(['workdir'])
