@@ -44,7 +44,13 @@ from tfds_builders import build
 # ----------------------------------------------------------------------------------------------------------
 
 def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
-  """config with its schedule in steps for the built dataset's training split (optim.resolve_schedule)."""
+  """config with its schedule in steps for the built dataset's training split (optim.resolve_schedule);
+  a training or evaluation split the dataset lacks is refused, naming those it has."""
+  for field in ('train_split', 'eval_split'):
+    split = config.dataset[field].split('[')[0]  # 'train[:200]' names the split 'train'
+    if split not in builder.info.splits:
+      raise ValueError(f'{config.dataset.name} has no split {split!r} (config.dataset.{field}); it has '
+                       f'{sorted(builder.info.splits)}')
   split = config.dataset.train_split
   return optim.resolve_schedule(config, builder.info.splits[split].num_examples)
 

@@ -18,6 +18,7 @@ from configs import synthetic
 from misc_jax import features
 from misc_jax import sharding
 from misc_jax import state as state_lib
+from misc_jax import train
 from misc_jax.evaluators import pck as pck_evaluator
 from tfds_builders import build
 
@@ -321,3 +322,21 @@ def test_csv_files_are_read_by_their_column_names(data_dir, tmp_path):
   _reorder_columns(manual / 'test_pairs.csv', [c for c in header if c != 'YB7'])
   with pytest.raises(features.InvalidExampleError, match='test_pairs.csv: field YB7: no such column'):
     build.build('pf_willow', str(tmp_path / 'other'), manual_dir=str(manual))
+
+
+def test_a_small_misc210k_builds_without_the_validation_split_it_cannot_fill(tmp_path, caplog):
+  """A user's subset (or a fixture) whose training images give the derived validation split no pair: the
+  build leaves that split out with a warning saying how many images it held, instead of failing."""
+  manual = tmp_path / 'manual'
+  shutil.copytree(_dummy('misc210k'), manual)
+  _rewrite_json(os.path.join(manual, MISC_TRAIN),  # drop image 124, so validation holds image 20 alone
+                lambda d: d.update(images=[i for i in d['images'] if i['id'] != 124],
+                                   annotations=[a for a in d['annotations'] if a['image_id'] != 124]))
+  builder = build.build('misc210k', str(tmp_path / 'records'), manual_dir=str(manual))
+  assert set(builder.info.splits) == {'train', 'test'}
+  assert 'misc210k/validation: 1 images but no pair' in caplog.text
+  config = synthetic.get_config('smoke')
+  config.dataset.update(name='misc210k', data_dir=str(tmp_path / 'records'))
+  with pytest.raises(ValueError, match=r"misc210k has no split 'validation' \(config.dataset.eval_split\); "
+                                       r"it has \['test', 'train'\]"):
+    train.resolve_schedule(config, builder)

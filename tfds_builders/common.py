@@ -201,6 +201,21 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f'; all {len(reasons)} were skipped, the first because {reasons[0]}' if reasons else ''))
 
 
+def drop_empty_splits(name: str, pairs: dict[str, list], images: dict[str, int]) -> dict[str, list]:
+  """The splits that hold at least one pair. TFDS cannot write an empty split, and a small set (a user's
+  few categories, a test fixture) may leave a derived split such as MISC210K's validation without a pair:
+  such a split is left out with a warning that says how many images it held, instead of failing the build.
+  Fails only when no split has a pair."""
+  kept = {split: p for split, p in pairs.items() if p}
+  for split in pairs.keys() - kept.keys():
+    logging.warning('%s/%s: %d images but no pair of two images of one category; the split is left out of '
+                    'the build (choose an evaluation split among %s)', name, split, images.get(split, 0),
+                    sorted(kept))
+  if not kept:
+    raise Error(f'{name}: no split has a pair of two images of one category ({images} images by split)')
+  return kept
+
+
 def manual_path(dl_manager, *parts: str) -> str:
   return os.path.join(os.fspath(dl_manager.manual_dir), *parts)
 

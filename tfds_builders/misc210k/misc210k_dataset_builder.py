@@ -98,8 +98,10 @@ class Builder(common.ManualBuilder):
     split_file = os.path.join(root, SPLIT_DIR, 'splits.json')
     if common.exists(split_file):
       splits = _read_split_file(split_file, images)
-    return {split: self._generate_examples(root, split, ids, images, instances)
-            for split, ids in splits.items()}
+    pairs = {split: self._pairs(root, split, ids, images, instances) for split, ids in splits.items()}
+    pairs = common.drop_empty_splits(self.name, pairs, {split: len(ids) for split, ids in splits.items()})
+    return {split: self._generate_examples(root, split, split_pairs, images, instances)
+            for split, split_pairs in pairs.items()}
 
   def _read_annotations(self, path, split, images, instances) -> list[int]:
     """Adds the file's images and non-crowd instances to the indexes; returns its image ids."""
@@ -132,13 +134,15 @@ class Builder(common.ManualBuilder):
       instances[(ann['image_id'], name)].append((field, ann))
     return ids
 
-  def _generate_examples(self, root, split, image_ids, images, instances):
+  def _pairs(self, root, split, image_ids, images, instances) -> list[tuple[int, int, str]]:
+    """(source id, target id, category) of a split: its pair file's, else each image with the next ones of
+    its category."""
     pair_file = os.path.join(root, SPLIT_DIR, f'pairs_{split}.json')
     if common.exists(pair_file):
-      pairs = _read_pair_file(pair_file, images, instances)
-    else:
-      pairs = _default_pairs(set(image_ids), instances)
+      return _read_pair_file(pair_file, images, instances)
+    return list(_default_pairs(set(image_ids), instances))
 
+  def _generate_examples(self, root, split, pairs, images, instances):
     @functools.lru_cache(maxsize=4 * PAIRS_PER_IMAGE)
     def side(image_id, category):
       return _make_side(root, images[image_id], instances[(image_id, category)])
