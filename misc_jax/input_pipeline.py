@@ -44,6 +44,38 @@ from tfds_builders import build
 _SKIP = tfds.decode.SkipDecoding()
 
 
+class DamagedDataError(OSError):
+  """A dataset's record file that fails its checksums (a disk or copy error): rebuild the dataset."""
+
+
+def damaged_files(builder, split: str) -> list[str]:
+  """The record files of `split` (or of the split a slice such as 'train[:200]' cuts) that fail TFRecord's
+  CRC checks."""
+  files = builder.info.splits[split.split('[')[0]].filepaths
+  bad = []
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset(os.fspath(path)):
+        pass
+    except tf.errors.DataLossError:
+      bad.append(os.fspath(path))
+  return bad
+
+
+def _named_damage(batches: Iterator[dict], config, split: str) -> Iterator[dict]:
+  """`batches`, with TensorFlow's bare DataLossError (a corrupted record, no file named) turned into a
+  DamagedDataError naming the damaged files and the command that rebuilds them."""
+  try:
+    yield from batches
+  except tf.errors.DataLossError as e:
+    builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
+    bad = damaged_files(builder, split)
+    raise DamagedDataError(
+        f'{config.dataset.name} {split}: damaged record file{"s" if len(bad) > 1 else ""} '
+        f'{", ".join(bad) or "(none found on a second read)"} ({e.message.splitlines()[0][:200]}); '
+        f'rebuild the dataset: {build.command(builder, overwrite=True)}') from None
+
+
 def _decode(example):
   """Decodes the images and masks that as_dataset left encoded."""
   for side in features.SIDES:
@@ -232,7 +264,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
       lambda *b: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *b)))
   if steps_per_batch:
     ds = ds.batch(steps_per_batch, drop_remainder=True)  # [k, B_process, ...]
-  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  return _named_damage(iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))), config, config.dataset.train_split)
 
 
 def eval_iterator(config: ml_collections.ConfigDict, split: str) -> Iterator[dict]:
@@ -259,4 +291,4 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str) -> Iterator[dic
       yield jax.tree.map(lambda x: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:],
                                                                    x.dtype)]), batch)
 
-  return padded()
+  return _named_damage(padded(), config, split)

@@ -1,5 +1,7 @@
 """The input pipeline: batches split over the mesh, geometry of resizing, exact resume, evaluation padding."""
 
+import os
+import shutil
 import time
 
 import jax
@@ -10,6 +12,7 @@ import tensorflow as tf
 from misc_jax import input_pipeline
 from misc_jax import sharding
 from misc_jax import visualize
+from tfds_builders import build
 
 
 def _dot_side(width, height, x, y):
@@ -177,3 +180,25 @@ def test_equalize_matches_opencvs_formula():
     first = cdf[hist > 0][0]
     lut = np.round((cdf - first) * 255 / (image[..., c].size - first))
     np.testing.assert_array_equal(out[..., c], lut[image[..., c].astype(int)])
+
+
+@pytest.mark.parametrize('split', ['train', 'validation'])
+def test_a_damaged_record_file_is_named_with_the_command_that_rebuilds_it(smoke_config, tmp_path, split):
+  shutil.copytree(smoke_config.dataset.data_dir, tmp_path, dirs_exist_ok=True)
+  smoke_config.dataset.data_dir = str(tmp_path)
+  builder = build.get_builder(smoke_config.dataset.name, str(tmp_path))
+  shard = os.fspath(builder.info.splits[split].filepaths[0])
+  with open(shard, 'r+b') as f:  # flip bytes in the middle: the file keeps its size
+    f.seek(os.path.getsize(shard) // 2)
+    data = f.read(64)
+    f.seek(-64, os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in data))
+  batches = (input_pipeline.train_iterator(smoke_config) if split == 'train'
+             else input_pipeline.eval_iterator(smoke_config, split))
+  with pytest.raises(input_pipeline.DamagedDataError) as error:
+    for _ in range(4):
+      next(batches)
+  message = str(error.value)
+  assert f'damaged record file {shard} ' in message
+  assert message.endswith('rebuild the dataset: python -m tfds_builders.build synthetic_misc/tiny '
+                          f'--data_dir {tmp_path} --overwrite')
