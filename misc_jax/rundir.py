@@ -9,21 +9,28 @@ past it to the newest step that restores, naming the damaged ones.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 
 from absl import logging
 from etils import epath
 import jax
+from jax import lax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from misc_jax.cli import expand
+
+HISTORY = 'config_history.jsonl'  # a run's later configs, a line per resume that changed one
 
 # Config fields that hold paths: `~` and environment variables in them are expanded.
 PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.trunk_init', 'model.init_from')
@@ -35,6 +42,10 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint step whose files cannot be read back."""
+
+
+class DiskFullError(OSError):
+  """The disk filled while a checkpoint was written."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,25 +68,45 @@ def expand_paths(config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run was started with (workdir/config.json, written by misc_jax.main)."""
-  path = absolute(workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a misc_jax workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  """The config a run trains with now: config.json (written when the run began, never rewritten) with
+  the changes of later resumes (the newest line of config_history.jsonl), both written by misc_jax.main."""
+  path = absolute(workdir)
+  if not (path / 'config.json').exists():
+    raise FileNotFoundError(f'{path / "config.json"} does not exist: {workdir} is not a misc_jax workdir')
+  if (path / HISTORY).exists():
+    lines = (path / HISTORY).read_text().splitlines()
+    if lines:
+      return ml_collections.ConfigDict(json.loads(lines[-1])['config'])
+  return ml_collections.ConfigDict(json.loads((path / 'config.json').read_text()))
 
 
-def write_config(config: ml_collections.ConfigDict, workdir) -> None:
+def write_config(config: ml_collections.ConfigDict, workdir, resumed_at: int | None = None,
+                 changes: dict | None = None) -> None:
+  """A new run's config.json; on a resume that changes fields, a line of config_history.jsonl (the step,
+  the time, the changes and the whole new config), so the run keeps a record of what trained each step."""
   path = absolute(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  if not (path / 'config.json').exists():
+    (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  elif changes:
+    entry = {'resumed_at_step': resumed_at, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+             'changes': {field: list(values) for field, values in changes.items()},
+             'config': json.loads(config.to_json_best_effort())}
+    with (path / HISTORY).open('a') as f:
+      f.write(json.dumps(entry) + '\n')
 
 
-def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
-  """'field: old -> new' for every leaf field that differs between two configs."""
+def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (old value, new value)} for every leaf field that differs between two configs."""
   flat = lambda c: _flatten(json.loads(c.to_json_best_effort()))
   a, b = flat(old), flat(new)
-  return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return {k: (a.get(k, '(absent)'), b.get(k, '(absent)')) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)}
+
+
+def describe(changes: dict[str, tuple]) -> str:
+  """'model.sigma: 5.0 -> 3.0; ...' of config_differences."""
+  return '; '.join(f'{field}: {old!r} -> {new!r}' for field, (old, new) in changes.items())
 
 
 def _flatten(tree, prefix=''):
@@ -111,6 +142,27 @@ def lock(workdir):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def truncate_events(workdir, step: int) -> None:
+  """Drops the TensorBoard events a run wrote after `step` (the steps after its last checkpoint, which
+  the resumed run writes again), so that each step appears once in TensorBoard."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for path in absolute(workdir).glob('events.out.tfevents.*'):
+    records, cut = [], False
+    try:
+      for record in tf.data.TFRecordDataset(str(path)):
+        records.append(record.numpy())
+    except tf.errors.DataLossError:  # a record cut short when the run was killed
+      cut = True
+    kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+    if cut or len(kept) < len(records):
+      with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in kept:
+          writer.write(record)
+      logging.info('Dropped %d TensorBoard events after step %d from %s (the resumed run writes those '
+                   'steps again).', len(records) - len(kept), step, path.name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,8 +207,7 @@ def _name(key) -> str:
 
 def shapes(tree) -> dict[str, tuple]:
   """{'params/backbone/conv1/kernel': shape, ...} of a state, its abstract shapes or saved metadata."""
-  return {'/'.join(map(_name, path)): tuple(getattr(leaf, 'shape', ()))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {name: tuple(getattr(leaf, 'shape', ())) for name, leaf in _named(tree).items()}
 
 
 def differences(expected: dict, got: dict, limit: int = 3) -> list[str]:
@@ -177,20 +228,69 @@ def saved_shapes(mgr: ocp.CheckpointManager, step: int) -> dict | None:
   return None if metadata is None else shapes(metadata)
 
 
+def _bits(x):
+  """An array's bits as uint32 words (any dtype, PRNG keys included)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  size = x.dtype.itemsize
+  if x.dtype == jnp.bool_ or size == 1:
+    return x.astype(jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.uint16 if size == 2 else jnp.uint32).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(state):
+  """{array name: a uint32 sum of its bits, each word weighted by an odd number of its position}: any one
+  changed word changes its array's sum, and so does a moved one. Computed where the shards are."""
+  def checksum(x):
+    bits = _bits(x).ravel()
+    weights = lax.iota(jnp.uint32, bits.size) * jnp.uint32(2654435761) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)  # wraps modulo 2^32
+  return {name: checksum(x) for name, x in _named(state).items()}
+
+
+def _named(tree) -> dict:
+  return {'/'.join(map(_name, path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def step_metadata(state) -> dict:
+  """What each checkpoint step records beside its arrays: their checksums (checked on restore) and the
+  parameters' global norm (named in the message of a run that diverged)."""
+  sums = jax.device_get(_checksums(state))
+  norm = float(jax.device_get(jax.jit(optax.tree.norm)(state.params))) if hasattr(state, 'params') else None
+  return {'checksums': {name: int(v) for name, v in sums.items()}, 'param_norm': norm}
+
+
+def saved_metadata(mgr: ocp.CheckpointManager, step: int) -> dict:
+  """The step_metadata a step was saved with ({} for a step saved without it, or unreadable)."""
+  try:
+    return dict(mgr.metadata(step).custom_metadata or {})
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata is reported as damage later)
+    return {}
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, target):
-  """Restores `step` into `target` (a state or its abstract shapes), checking shapes before and after."""
+  """Restores `step` into `target` (a state or its abstract shapes), checking shapes before and after,
+  and the arrays against the checksums saved with them."""
   want = shapes(target)
   saved = saved_shapes(mgr, step)
   if saved is not None and saved != want:
     raise CheckpointMismatchError(f'step {step} in {mgr.directory}: {differences(want, saved)}')
+  damaged = lambda why: DamagedCheckpointError(
+      f'checkpoint step {step} in {mgr.directory} is damaged and cannot be restored ({why})')
   try:
     state = mgr.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore and OS errors alike)
-    raise DamagedCheckpointError(f'checkpoint step {step} in {mgr.directory} is damaged and cannot be '
-                                 f'restored ({type(e).__name__}: {str(e)[:300]})') from e
+    raise damaged(f'{type(e).__name__}: {str(e)[:300]}') from e
   got = shapes(state)  # Orbax restores arrays of any shape into the target
   if got != want:
     raise CheckpointMismatchError(f'step {step} in {mgr.directory}: {differences(want, got)}')
+  expected = saved_metadata(mgr, step).get('checksums')
+  if expected:  # steps saved before checksums existed are trusted as they are
+    sums = jax.device_get(_checksums(state))
+    wrong = sorted(name for name, v in sums.items() if expected.get(name) != int(v))
+    if wrong:
+      raise damaged(f'{len(wrong)} arrays differ from their checksums, e.g. {wrong[0]}')
   return state
 
 
@@ -220,17 +320,18 @@ def restore_newest(mgr: ocp.CheckpointManager, target):
   return None, 0, damaged
 
 
-def set_aside(directory, steps) -> None:
-  """Moves damaged step folders out of a checkpoint directory (to <directory>_damaged/), so that the run
-  can save those step numbers again; their files are kept for inspection."""
+def set_aside(directory, steps, why: str = 'damaged') -> None:
+  """Moves step folders out of a checkpoint directory (to <directory>_<why>/: damaged steps, or steps
+  newer than the one a user resumes from), so that the run can save those step numbers again; their
+  files are kept for inspection."""
   directory = absolute(directory)
   for step in steps:
-    aside = directory.parent / f'{directory.name}_damaged' / str(step)
+    aside = directory.parent / f'{directory.name}_{why}' / str(step)
     aside.parent.mkdir(parents=True, exist_ok=True)
     if aside.exists():
       aside = aside.parent / f'{step}.{int(time.time())}'
     (directory / str(step)).rename(aside)
-    logging.warning('Moved the damaged checkpoint step %d to %s.', step, aside)
+    logging.warning('Moved the checkpoint step %d (%s) to %s.', step, why.replace('_', ' '), aside)
 
 
 def parse_checkpoint(checkpoint) -> str | int:
@@ -265,3 +366,38 @@ def restore_run(run_dir, checkpoint, target, best_metric: str = 'pck@0.1'):
     if step not in steps:
       raise FileNotFoundError(f'no checkpoint {checkpoint!r} in {directory} (steps there: {steps})')
     return restore(mgr, step, target), step
+
+
+def _full_disk(error: BaseException) -> bool:
+  """Whether an error, or one it was raised from, is ENOSPC (Orbax and TensorStore wrap it, or keep
+  only its text)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def disk_full_explained(workdir):
+  """Turns a full disk during a checkpoint save (whatever error Orbax surfaces it as) into one
+  DiskFullError that names the unfinished step and the steps kept, after removing the unfinished step's
+  temporary folder."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a full disk)
+    if not _full_disk(e):
+      raise
+    directory = absolute(workdir) / 'checkpoints'
+    unfinished = sorted(directory.glob('*.orbax-checkpoint-tmp*')) if directory.exists() else []
+    for path in unfinished:
+      shutil.rmtree(path, ignore_errors=True)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    failed = ', '.join(p.name.split('.')[0] for p in unfinished)
+    where = (f'while saving checkpoint step {failed} in {directory} (its unfinished files are removed)'
+             if unfinished else f'while writing to {absolute(workdir)}')
+    raise DiskFullError(
+        errno.ENOSPC, f'disk full {where}; the checkpoint steps kept are {steps or "none"}. Free space (or '
+        'set a smaller config.keep_checkpoints) and run the same command again to resume.') from None
