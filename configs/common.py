@@ -18,6 +18,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  config.resume_step = placeholder(int)  # resume from this checkpoint step; the newer ones are moved aside
   config.steps_per_dispatch = 1  # k > 1: k steps per call (train.train_steps); the counts above divide by k
   config.unroll_dispatch = False  # True: those k steps unrolled (k x the compile time; faster on CPUs)
 

@@ -6,6 +6,10 @@ writes the resolved config to `workdir/config.json`, a preview of the training d
 `--config.optim.lr=1e-4`. One run at a time per workdir (a second one is refused); running the same
 command again resumes.
 
+A resume may change how long the run is, its cadences, mesh and evaluation (RESUMABLE_FIELDS); other
+changed fields are refused unless --allow_config_changes. config.json keeps the config the run began
+with; each resume that changes fields appends a line to config_history.jsonl.
+
 Several processes (one per host, or per GPU): `--multihost` lets `jax.distributed.initialize()` read the
 cluster from the environment (Cloud TPU, SLURM, ...); `--coordinator_address`, `--num_processes` and
 `--process_id` set it explicitly (e.g. two processes on one machine, over loopback).
@@ -17,11 +21,13 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
@@ -41,12 +47,38 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Initialise jax.distributed f
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+_ALLOW_CHANGES = flags.DEFINE_bool(
+    'allow_config_changes', False, 'Resume even though fields that change what the run learns (the model, '
+    'loss, optimiser, data) differ from the run\'s config; the changes are recorded in config_history.jsonl.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# The config fields a resume may change without --allow_config_changes: the run's length, cadences,
+# layout over the devices, input speed, evaluation and where the data lies; none changes what a step learns.
+RESUMABLE_FIELDS = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
+                    'checkpoint_every_steps', 'keep_checkpoints', 'resume_step', 'steps_per_dispatch',
+                    'unroll_dispatch', 'mesh.', 'dataset.data_dir', 'dataset.eval_split', 'input.prefetch',
+                    'input.decoding_threads', 'model.decoder_chunk_rows', 'eval.', 'kbc.eval',
+                    'kbc.coarse_pass', 'kbc.coarse_radius', 'kbc.passes')
 
-def _quiet_orbax_info(record) -> bool:
-  """Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter."""
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs several INFO lines per checkpoint, and each of its failed writes as a traceback (a full
+  disk gave hundreds, around the one error the run reports): keep its warnings, drop the rest."""
+  if '/orbax/' in record.pathname:
+    return record.levelno >= std_logging.WARNING and not record.exc_info
+  if record.name == 'asyncio':  # Orbax's event loops, torn down after a failed save
+    return 'orbax' not in str(record.msg) + str(record.exc_info)
+  return True
+
+
+def _quiet_closed_loops() -> None:
+  """Orbax's background threads may still touch their closed event loops while a failed run exits;
+  Python prints each "Event loop is closed" as a traceback. Those, and only those, are dropped."""
+  closed = lambda value: isinstance(value, RuntimeError) and 'Event loop is closed' in str(value)
+  excepthook, unraisablehook, threadhook = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = lambda kind, value, tb: None if closed(value) else excepthook(kind, value, tb)
+  sys.unraisablehook = lambda u: None if closed(u.exc_value) else unraisablehook(u)
+  threading.excepthook = lambda a: None if closed(a.exc_value) else threadhook(a)
 
 
 def unknown_override(config: ml_collections.ConfigDict, argv) -> str | None:
@@ -122,14 +154,42 @@ def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
   diff = rundir.differences(rundir.shapes(state_lib.state_shapes(config)), saved)
   if not diff:
     return
-  changed = []
+  changed = {}
   with contextlib.suppress(FileNotFoundError):
     changed = rundir.config_differences(rundir.read_config(run_dir), config)
   raise ValueError(
       f'{run_dir} holds checkpoints (step {step}) of a model that this config does not describe; nothing '
-      f'was written. Config fields changed since the run began: {"; ".join(changed) or "(no config.json)"}. '
+      f'was written. Config fields changed since the run began: {rundir.describe(changed) or "(no config.json)"}. '
       f'First arrays that differ: {"; ".join(diff)}. Resume with the run\'s own settings, or use another '
       '--workdir.')
+
+
+def resumed_step(run_dir) -> int | None:
+  """The newest checkpoint step of a run (None for a new run)."""
+  directory = rundir.absolute(run_dir) / 'checkpoints'
+  if not directory.exists():
+    return None
+  with rundir.manager(directory) as mgr:
+    return mgr.latest_step()
+
+
+def config_changes(config: ml_collections.ConfigDict, run_dir, allow: bool) -> dict:
+  """The fields a resumed run changes ({field: (old, new)}, none for a new run); those outside
+  RESUMABLE_FIELDS are refused unless `allow`, naming them and the flag that allows them."""
+  if resumed_step(run_dir) is None:
+    return {}
+  try:
+    changes = rundir.config_differences(rundir.read_config(run_dir), config)
+  except FileNotFoundError:
+    return {}
+  refused = {f: v for f, v in changes.items() if not f.startswith(RESUMABLE_FIELDS)}
+  if refused and not allow:
+    raise ValueError(
+        f'{run_dir} is a run that trained with other settings; nothing was written. Changed since: '
+        f'{rundir.describe(refused)}. A resume may change only the run\'s length, cadences, mesh, evaluation '
+        'and data location; resume with the run\'s own settings, use another --workdir, or pass '
+        '--allow_config_changes (the changes are then recorded in config_history.jsonl).')
+  return changes
 
 
 def preview_data(config, run_dir: str) -> None:
@@ -145,21 +205,37 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; the accelerators belong to JAX.
-  logging.get_absl_handler().addFilter(_quiet_orbax_info)
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  _quiet_closed_loops()
   init_distributed()
   config, run_dir = _CONFIG.value, _WORKDIR.value
   rundir.expand_paths(config)
   train.check_config(config)
   lead = jax.process_index() == 0
-  with rundir.lock(run_dir) if lead else contextlib.nullcontext():
-    check_resumable(config, run_dir)
-    if lead:
-      builder = build.build(config.dataset.name, config.dataset.data_dir)
-      for split, info in builder.info.splits.items():
-        logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)
-      rundir.write_config(train.resolve_schedule(config, builder), run_dir)
-      preview_data(config, run_dir)
-    train.train_and_evaluate(config, run_dir)
+  try:
+    with rundir.lock(run_dir) if lead else contextlib.nullcontext():
+      check_resumable(config, run_dir)
+      if lead:
+        builder = build.build(config.dataset.name, config.dataset.data_dir)
+        for split, info in builder.info.splits.items():
+          logging.info('%s %s: %d pairs', builder.info.full_name, split, info.num_examples)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('dataset built')
+      config = train.resolve_schedule(config, build.get_builder(config.dataset.name, config.dataset.data_dir))
+      changes = config_changes(config, run_dir, _ALLOW_CHANGES.value)
+      if config.get('resume_step') is not None and 'resume_step' not in changes:
+        with config.unlocked():  # this resume_step was applied by an earlier resume: resume as usual
+          config.resume_step = None
+      if lead:
+        rundir.write_config(config, run_dir, resumed_step(run_dir), changes)
+        preview_data(config, run_dir)
+      train.train_and_evaluate(config, run_dir)
+  except rundir.DiskFullError as e:
+    sys.exit(f'FATAL {e.strerror}')
+  except KeyboardInterrupt:
+    step = resumed_step(run_dir)
+    sys.exit(f'Stopped at once (a second Ctrl-C); the newest checkpoint in {run_dir} is '
+             f'{f"step {step}" if step is not None else "none"}.')
 
 
 if __name__ == '__main__':

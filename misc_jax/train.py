@@ -196,9 +196,12 @@ def _checkpoint_manager(config, run_dir) -> ocp.CheckpointManager:
 
 def _restore_or_init(config, model, mesh, run_dir):
   """(state, step) of the newest checkpoint of run_dir that restores, straight into the mesh's shardings;
-  else (the initial state, 0). Damaged newer steps are named in a warning and moved aside
-  (rundir.set_aside), so the run can save those steps again. Every process takes the same path."""
+  else (the initial state, 0). With config.resume_step, the steps after it are moved aside first (to
+  checkpoints_set_aside/). Damaged newer steps are named in a warning and moved aside (rundir.set_aside),
+  so the run can save those steps again. Every process takes the same path."""
   directory = run_dir / 'checkpoints'
+  if config.get('resume_step') is not None:
+    _set_aside_after(directory, config.resume_step)
   restored, step, damaged = None, 0, []
   if directory.exists():
     target, _ = state_lib.sharded_shapes(config, model, mesh)
@@ -213,6 +216,40 @@ def _restore_or_init(config, model, mesh, run_dir):
     return state_lib.initial_state(config, model, mesh), 0
   logging.info('Resumed from %s at step %d.', directory, step)
   return restored, step
+
+
+def _set_aside_after(directory, resume_step: int) -> None:
+  """Moves the checkpoints after `resume_step` aside, so that the run resumes from that step."""
+  steps = []
+  if directory.exists():
+    with rundir.manager(directory) as mgr:
+      steps = mgr.all_steps()
+  if resume_step not in steps:
+    raise FileNotFoundError(f'config.resume_step={resume_step}: there is no checkpoint step {resume_step} in '
+                            f'{directory}; its steps are {sorted(steps) or "none"}')
+  newer = [s for s in steps if s > resume_step]
+  if newer and jax.process_index() == 0:
+    rundir.set_aside(directory, newer, why='set_aside')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('newer checkpoints set aside')
+
+
+def _diverged(step: int, metrics: dict, mgr, confirmed: int) -> FloatingPointError:
+  """The error of a run whose training metrics became non-finite: the checkpoints there are, with their
+  parameters' norms, and which step to resume from. A step saved after `confirmed` (the last step whose
+  metrics were finite) may hold diverged parameters, which are finite but give non-finite losses."""
+  mgr.wait_until_finished()
+  steps = sorted(mgr.all_steps())
+  norm = lambda s: rundir.saved_metadata(mgr, s).get('param_norm')
+  listed = ', '.join(f'{s} (parameter norm {norm(s):.3g})' if norm(s) is not None else str(s) for s in steps)
+  good = [s for s in steps if s < confirmed]
+  advice = (f'Steps after {good[-1]} may already hold diverged parameters (no finite metrics were computed '
+            f'from them): resume from step {good[-1]} with --config.resume_step={good[-1]}, e.g. with a smaller '
+            'learning rate.' if good else
+            'None of them is confirmed by finite metrics after it: start again in a new --workdir, e.g. '
+            'with a smaller learning rate.')
+  return FloatingPointError(f'non-finite training metrics at step {step}: {metrics}. Checkpoints in '
+                            f'{mgr.directory}: {listed or "none"}. {advice}')
 
 
 def evaluator_for(config, model_module, split: str, category_names, mesh=None):
@@ -272,7 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mgr = _checkpoint_manager(config, run_dir)
 
   def save(step, metrics=None):
-    mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+    mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+             custom_metadata=rundir.step_metadata(state))
 
   def evaluate(step):
     metrics, first = evaluator.evaluate(state)
@@ -286,16 +324,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluator.plot(first, str(run_dir / 'predictions.png'))
     return metrics
 
-  # Loop. The manager is closed (pending saves finished) however the loop ends. Each iteration reads the
-  # previous dispatch's agreed stop flag, so the host stays one dispatch ahead of the devices.
-  with mgr, _Preemption() as preemption:
+  if lead and start:
+    rundir.truncate_events(run_dir, start)  # the steps after the checkpoint are written again
+
+  # Loop. The manager is closed (pending saves finished) however the loop ends, and a Ctrl-C during that
+  # wait is a second one. Each iteration reads the previous dispatch's agreed stop flag, so the host stays
+  # one dispatch ahead of the devices. A full disk while saving ends the run with one DiskFullError.
+  with rundir.disk_full_explained(run_dir), _Preemption() as preemption, mgr:
     batches = input_pipeline.train_iterator(config, start_step=start, steps_per_batch=k) \
         if start < config.total_steps else iter(())
     batches = sharding.prefetch(batches, mesh, config.input.prefetch, stacked=True)
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
                     dynamic_ncols=True)
-    pending, metrics, stop, agreed = [], {}, False, None
+    pending, metrics, stop, agreed, confirmed = [], {}, False, None, start
     for step in range(start + k, config.total_steps + 1, k):
       state, step_metrics, stop_now = step_fn(state, next(batches), rng,
                                               sharding.flags(mesh, preemption.requested))
@@ -311,9 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train = _host_metrics(pending)
         pending = []
         if not all(np.isfinite(v) for v in train.values()):
-          raise FloatingPointError(
-              f'non-finite training metrics at step {step}: {train}; the last good checkpoint '
-              f'(step {mgr.latest_step()}) is kept in {mgr.directory}')
+          raise _diverged(step, train, mgr, confirmed)
+        confirmed = step  # finite metrics from the parameters of every step before it
         writer.write_scalars(step, {f'train/{k}': v for k, v in train.items()})
         bar.set_postfix(loss=f'{train["loss"]:.4f}')
       if eval_now:
