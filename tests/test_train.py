@@ -3,6 +3,7 @@ non-finite losses, and the same losses on 1 device and 8 devices (several proces
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -88,6 +89,20 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(reference, tiny_data
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
                _params(workdir), _params(reference[0]))
   np.testing.assert_allclose(_losses(workdir), _losses(reference[0]), rtol=1e-6)
+  assert _logged_steps(workdir) == list(range(1, STEPS + 1))  # each step once, though steps were redone
+
+
+def _logged_steps(workdir):
+  """The steps of every train/loss event in the run's TensorBoard files, as written (read_scalars keeps
+  the last value of a step, TensorBoard may show both)."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in workdir.glob('events.out.tfevents.*'):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      steps += [event.step for v in event.summary.value if v.tag == 'train/loss']
+  return sorted(steps)
 
 
 def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp_path):
@@ -102,7 +117,9 @@ def test_one_device_gives_the_same_losses_as_eight(reference, tiny_data_dir, tmp
   np.testing.assert_allclose(ours, theirs, rtol=5e-2)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_and_a_second_run_is_refused(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_and_a_second_run_is_refused(tiny_data_dir, tmp_path,
+                                                                                  signum):
   workdir = tmp_path / 'preempted'
   proc = _main(workdir, tiny_data_dir, total_steps=10_000, checkpoint_every_steps=10_000,
                eval_every_steps=10_000)
@@ -112,10 +129,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_and_a_second_run_is_refused(tiny_d
   second = _main(workdir, tiny_data_dir, log_name=tmp_path / 'second')  # the same workdir: refused
   assert second.wait(300) != 0
   assert 'is in use by another run (pid' in open(f'{tmp_path / "second"}.log').read()
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _finish(proc, workdir)
   steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir()]
   assert len(steps) == 1 and 1 <= steps[0] < 10_000
+  log = open(f'{workdir}.log').read()
+  assert f'Saved step {steps[0]} after a stop request' in log and 'Traceback' not in log
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  with train._Preemption() as preemption:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested  # the first one asks for a checkpoint and a stop
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, smoke_config,
@@ -126,6 +154,32 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(refere
   with pytest.raises(FloatingPointError, match=f'non-finite training metrics at step {STEPS + 1}'):
     train.train_and_evaluate(config, str(workdir))
   assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS
+
+
+def test_a_diverged_run_names_its_steps_and_resumes_from_the_one_the_user_chooses(reference, smoke_config,
+                                                                                  tmp_path):
+  """A learning rate of 1e12: step 7 still has finite metrics (they are computed from step 6's parameters)
+  and is saved with huge finite parameters; step 8 is not finite. Step 7 is not called good; resuming from
+  step 6 by config.resume_step moves step 7 aside and trains on."""
+  workdir = tmp_path / 'diverged'
+  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
+  config = _configure(smoke_config.copy_and_resolve_references(), total_steps=STEPS + 3,
+                      **{'optim.lr': 1e12, 'optim.backbone_lr': 1e12})
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(error.value)
+  assert f'non-finite training metrics at step {STEPS + 2}' in message
+  norms = {int(s): float(n) for s, n in re.findall(r'(\d+) \(parameter norm ([\d.e+]+)\)', message)}
+  assert sorted(norms) == [STEPS - 1, STEPS, STEPS + 1] and norms[STEPS + 1] > 1e6 * norms[STEPS]
+  assert f'Steps after {STEPS} may already hold diverged parameters' in message
+  assert f'--config.resume_step={STEPS}' in message
+  config = _configure(smoke_config, total_steps=STEPS + 2, resume_step=STEPS)
+  train.train_and_evaluate(config, str(workdir))
+  assert (workdir / 'checkpoints_set_aside' / str(STEPS + 1)).exists()
+  assert np.all(np.isfinite(_losses(workdir)[-2:]))
+  with pytest.raises(FileNotFoundError, match=r'resume_step=3: there is no checkpoint step 3 .* its steps are '
+                                              rf'\[{STEPS}, {STEPS + 1}, {STEPS + 2}\]'):
+    train.train_and_evaluate(_configure(smoke_config, total_steps=STEPS + 2, resume_step=3), str(workdir))
 
 
 def test_evaluation_only_run_from_another_workdir_reproduces_its_pck(reference, smoke_config,
@@ -153,24 +207,36 @@ def test_a_resume_with_another_model_is_refused_and_keeps_the_run_config(referen
   assert (workdir / 'config.json').read_text() == before  # the run's own config is untouched
 
 
-def _truncate_arrays(step_dir):
+def _damage_arrays(step_dir, how):
+  """Truncates the array data files of a checkpoint step (OCDBT's d/ folders), or flips 2,000 bytes in
+  the middle of each: the files keep their size, and only the arrays' values change."""
   for root, _, files in os.walk(step_dir):
     for name in files:
       path = os.path.join(root, name)
-      if os.path.getsize(path) > 10_000:  # the array data files
-        with open(path, 'r+b') as f:
+      if os.path.basename(root) != 'd' or os.path.getsize(path) < 10_000:
+        continue
+      with open(path, 'r+b') as f:
+        if how == 'truncate':
           f.truncate(100)
+        else:
+          f.seek(os.path.getsize(path) // 2)
+          data = f.read(2000)
+          f.seek(-len(data), os.SEEK_CUR)
+          f.write(bytes(b ^ 0x5A for b in data))
 
 
+@pytest.mark.parametrize('how', ['truncate', 'flip'])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(reference, smoke_config,
-                                                                            tmp_path, caplog):
+                                                                            tmp_path, caplog, how):
   workdir = tmp_path / 'damaged'
   shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
   shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
-  _truncate_arrays(workdir / 'checkpoints' / '6')
+  _damage_arrays(workdir / 'checkpoints' / '6', how)
   # Evaluation: 'latest' falls back to step 5 and names step 6; step 6 itself is reported as damaged.
   assert state_lib.load_run(str(workdir))[3] == 5
   assert 'checkpoint step 6' in caplog.text and 'is damaged' in caplog.text
+  if how == 'flip':
+    assert 'differ from their checksums' in caplog.text
   with pytest.raises(rundir.DamagedCheckpointError, match='checkpoint step 6 .* is damaged'):
     state_lib.load_run(str(workdir), '6')
   # Training resumes from step 5, sets step 6 aside and trains it again: the uninterrupted run's result.
