@@ -61,6 +61,10 @@ RESUMABLE_FIELDS = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_
                     'kbc.coarse_pass', 'kbc.coarse_radius', 'kbc.passes')
 
 
+class ResumeError(ValueError):
+  """A config that cannot resume the run in its workdir; nothing was written to the run."""
+
+
 def _quiet_orbax(record) -> bool:
   """Orbax logs several INFO lines per checkpoint, and each of its failed writes as a traceback (a full
   disk gave hundreds, around the one error the run reports): keep its warnings, drop the rest."""
@@ -157,9 +161,10 @@ def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
   changed = {}
   with contextlib.suppress(FileNotFoundError):
     changed = rundir.config_differences(rundir.read_config(run_dir), config)
-  raise ValueError(
+  raise ResumeError(
       f'{run_dir} holds checkpoints (step {step}) of a model that this config does not describe; nothing '
-      f'was written. Config fields changed since the run began: {rundir.describe(changed) or "(no config.json)"}. '
+      'was written. Config fields changed since the run began: '
+      f'{rundir.describe(changed) or "(no config.json)"}. '
       f'First arrays that differ: {"; ".join(diff)}. Resume with the run\'s own settings, or use another '
       '--workdir.')
 
@@ -184,7 +189,7 @@ def config_changes(config: ml_collections.ConfigDict, run_dir, allow: bool) -> d
     return {}
   refused = {f: v for f, v in changes.items() if not f.startswith(RESUMABLE_FIELDS)}
   if refused and not allow:
-    raise ValueError(
+    raise ResumeError(
         f'{run_dir} is a run that trained with other settings; nothing was written. Changed since: '
         f'{rundir.describe(refused)}. A resume may change only the run\'s length, cadences, mesh, evaluation '
         'and data location; resume with the run\'s own settings, use another --workdir, or pass '
@@ -230,6 +235,8 @@ def main(argv):
         rundir.write_config(config, run_dir, resumed_step(run_dir), changes)
         preview_data(config, run_dir)
       train.train_and_evaluate(config, run_dir)
+  except ResumeError as e:
+    sys.exit(f'FATAL {e}')
   except rundir.DiskFullError as e:
     sys.exit(f'FATAL {e.strerror}')
   except KeyboardInterrupt:

@@ -207,6 +207,32 @@ def test_a_resume_with_another_model_is_refused_and_keeps_the_run_config(referen
   assert (workdir / 'config.json').read_text() == before  # the run's own config is untouched
 
 
+def test_a_resume_that_changes_what_the_run_learns_is_refused_unless_allowed_and_recorded(
+    reference, tiny_data_dir, tmp_path):
+  """Fields that keep the arrays' shapes (the loss's sigma) but change what a step learns are refused;
+  --allow_config_changes resumes, config.json stays the run's first config, and config_history.jsonl
+  records the change beside the run's length, which may change freely."""
+  workdir = tmp_path / 'changed'
+  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
+  shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
+  before = (workdir / 'config.json').read_text()
+  sigma = json.loads(before)['model']['sigma']
+  proc = _main(workdir, tiny_data_dir, **{'model.sigma': 2 * sigma})
+  assert proc.wait(300) != 0
+  log = open(f'{workdir}.log').read()
+  assert f'Changed since: model.sigma: {sigma!r} -> {2 * sigma!r}. A resume may change only' in log, log[-3000:]
+  assert '--allow_config_changes' in log and 'Traceback' not in log
+  assert not (workdir / rundir.HISTORY).exists()
+  _finish(_main(workdir, tiny_data_dir, '--allow_config_changes', total_steps=STEPS + 1,
+                **{'model.sigma': 2 * sigma}), workdir)
+  assert (workdir / 'config.json').read_text() == before
+  [entry] = [json.loads(line) for line in (workdir / rundir.HISTORY).read_text().splitlines()]
+  assert entry['resumed_at_step'] == STEPS
+  assert entry['changes'] == {'model.sigma': [sigma, 2 * sigma], 'total_steps': [STEPS, STEPS + 1]}
+  assert rundir.read_config(workdir).model.sigma == 2 * sigma  # what evaluate and predict read
+  assert (workdir / 'checkpoints' / str(STEPS + 1)).exists()
+
+
 def _damage_arrays(step_dir, how):
   """Truncates the array data files of a checkpoint step (OCDBT's d/ folders), or flips 2,000 bytes in
   the middle of each: the files keep their size, and only the arrays' values change."""
