@@ -330,13 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Loop. The manager is closed (pending saves finished) however the loop ends, and a Ctrl-C during that
   # wait is a second one. Each iteration reads the previous dispatch's agreed stop flag, so the host stays
   # one dispatch ahead of the devices. A full disk while saving ends the run with one DiskFullError.
-  with rundir.disk_full_explained(run_dir), _Preemption() as preemption, mgr:
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train', dynamic_ncols=True)
+  with rundir.disk_full_explained(run_dir), _Preemption() as preemption, mgr, bar:
     batches = input_pipeline.train_iterator(config, start_step=start, steps_per_batch=k) \
         if start < config.total_steps else iter(())
     batches = sharding.prefetch(batches, mesh, config.input.prefetch, stacked=True)
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
-    bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not lead, desc='train',
-                    dynamic_ncols=True)
     pending, metrics, stop, agreed, confirmed = [], {}, False, None, start
     for step in range(start + k, config.total_steps + 1, k):
       state, step_metrics, stop_now = step_fn(state, next(batches), rng,
@@ -364,7 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if stop:
         logging.warning('Saved step %d after a stop request; stopping.', step)
         break
-    bar.close()
     if start >= config.total_steps:  # nothing to train (e.g. evaluating an init_from model)
       metrics = evaluate(start)
       if start == 0:  # saved, so that misc-jax-evaluate and misc-jax-predict work on the run

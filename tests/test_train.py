@@ -137,6 +137,31 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_and_a_second_run_is_refu
   assert f'Saved step {steps[0]} after a stop request' in log and 'Traceback' not in log
 
 
+def test_a_full_disk_while_saving_ends_in_one_line_that_names_the_kept_steps(tiny_data_dir, tmp_path):
+  """The run's workdir on a 12 MiB tmpfs (a mount namespace of its own): step 2's checkpoint (7 MB) fits,
+  step 4's does not. One FATAL line, no traceback, the unfinished step's folder removed."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mount = f'mount -t tmpfs -o size=12m tmpfs {disk}'
+  if subprocess.run(['unshare', '-rm', 'sh', '-c', mount], capture_output=True, check=False).returncode:
+    pytest.skip('cannot mount a tmpfs in a user and mount namespace here')
+  workdir = disk / 'run'
+  args = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'checkpoint_every_steps': 2}.items()]
+  command = [sys.executable, '-m', 'misc_jax.main', '--config', 'configs/synthetic.py:smoke', '--workdir',
+             str(workdir), f'--config.dataset.data_dir={tiny_data_dir}', *args]
+  script = f'{mount} && {{ "$@"; echo "exit code $?"; ls -a {workdir}/checkpoints; }}'
+  result = subprocess.run(['unshare', '-rm', 'sh', '-c', script, 'sh', *command], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+  log, listing = result.stderr, result.stdout.split()
+  assert 'exit code 1' in result.stdout, log[-3000:]
+  last = log.strip().splitlines()[-1]
+  assert last == (f'FATAL disk full while saving checkpoint step 4 in {workdir}/checkpoints (its unfinished '
+                   'files are removed); the checkpoint steps kept are [2]. Free space (or set a smaller '
+                   'config.keep_checkpoints) and run the same command again to resume.'), log[-3000:]
+  assert 'Traceback' not in log and len(log.splitlines()) < 100, log
+  assert [name for name in listing if name not in ('.', '..', 'exit', 'code', '1')] == ['2']
+
+
 def test_a_second_ctrl_c_interrupts_at_once():
   with train._Preemption() as preemption:  # pylint: disable=protected-access
     os.kill(os.getpid(), signal.SIGINT)
