@@ -3,6 +3,9 @@ pretrained weights fit the models that start from them."""
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +58,17 @@ def test_the_shipped_weights_fit_the_synthetic_models_and_name_their_training():
     image = jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.uint8)
     variables = jax.eval_shape(model.init, jax.random.key(0), image, image)
     state_lib.merge(variables, trunk, name, config.model.trunk_modules)  # what loading does; raises on misfits
+
+
+def test_a_config_file_loads_from_any_directory(tmp_path):
+  """`--config /path/to/configs/x.py` from another directory: the configs it imports are a package of the
+  installed project, not files beside the working directory."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys; from absl import flags; from ml_collections import config_flags; '
+          'config = config_flags.DEFINE_config_file("config"); flags.FLAGS(sys.argv); '
+          'print(config.value.model.variant)')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-c', code, f'--config={repo}/configs/kbcnet_pfwillow.py'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == _load('kbcnet_pfwillow').model.variant

@@ -3,12 +3,16 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from misc_jax import cli
 from misc_jax import evaluate
 from misc_jax import predict
 
@@ -48,8 +52,10 @@ def test_evaluate_names_what_is_missing(run_dir, tiny_data_dir, tmp_path):
   for bad in ('bogus', 'validation[:abc]'):
     with pytest.raises(ValueError, match=re.escape(f"no split {bad!r}")):
       evaluate.evaluate(str(run_dir), split=bad, data_dir=tiny_data_dir)
-  with pytest.raises(FileNotFoundError, match='is not built'):
+  with pytest.raises(FileNotFoundError, match='is not built') as error:
     evaluate.evaluate(str(run_dir), dataset='synthetic_misc/small_objects', data_dir=str(tmp_path))
+  assert str(error.value).endswith('build it with: python -m tfds_builders.build synthetic_misc/small_objects '
+                                   f'--data_dir {tmp_path}')  # no --manual_dir: nothing to download by hand
 
 
 @pytest.fixture(scope='module')
@@ -202,13 +208,15 @@ def test_keypoint_and_box_inputs_are_checked_with_clear_errors(tmp_path):
   (tmp_path / 'strings.json').write_text('{"keypoints": [["1", "x"]]}')
   with pytest.raises(ValueError, match='strings.json: keypoints must be numbers'):
     predict.read_keypoints(str(tmp_path / 'strings.json'))
+  (tmp_path / 'booleans.json').write_text('[[true, 100]]')  # not x = 1
+  with pytest.raises(ValueError, match=re.escape('booleans.json: keypoints must be numbers, [[x, y], ...]; '
+                                                 'got [[true, 100]]')):
+    predict.read_keypoints(str(tmp_path / 'booleans.json'))
 
 
 def test_predict_checks_its_inputs_before_loading_the_model(run_dir, images, tmp_path):
   """A run folder with config.json but no checkpoint: a bad input must be reported, not the missing
   checkpoint, so the inputs were read before the model."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   (source, target), _ = images
   no_model = tmp_path / 'no_model'
   no_model.mkdir()
@@ -232,3 +240,33 @@ def test_kbc_sweep_tabulates_every_setting_with_kbc_off_first(run_dir, tiny_data
   table = sweep_kbc.table(rows).splitlines()
   assert table[0].startswith('| max_scale | fill | margin | small_threshold | pck@0.05')
   assert table[2].startswith('| KBC off |') and len(table) == 5
+
+
+def _console_script(name, *args, env=None, cwd=None):
+  return subprocess.run([os.path.join(os.path.dirname(sys.executable), name), *args], capture_output=True,
+                        text=True, timeout=300, check=False, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize('name,module', [('misc-jax-evaluate', evaluate), ('misc-jax-predict', predict)])
+def test_console_scripts_help_shows_the_description_and_the_flags(name, module):
+  result = _console_script(name, '--help')
+  shown = result.stdout + result.stderr
+  assert module.__doc__.splitlines()[0] in shown, shown[-2000:]
+  assert '--workdir: ' in shown and '--checkpoint: ' in shown and '--output: ' in shown
+
+
+def test_every_path_flag_expands_home_and_variables(run_dir, tiny_data_dir, tmp_path, monkeypatch):
+  """A quoted '$RUN' or '~/...' reaches the program as typed: the reads and the writes both go where the
+  shell would have sent them (not to a folder named '$RUN' or '~')."""
+  values = flags.FlagValues()
+  cli.DEFINE_path('some_path', None, 'A path.', flag_values=values)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.setenv('WHERE', 'runs')
+  values(['prog', '--some_path=~/$WHERE/x.json'])
+  assert values.some_path == f'{tmp_path}/runs/x.json'
+  env = dict(os.environ, RUN=str(run_dir), HOME=str(tmp_path), TFDS=tiny_data_dir)
+  result = _console_script('misc-jax-evaluate', '--workdir=$RUN', '--data_dir=$TFDS', '--split=validation',
+                           '--output=~/report.json', env=env, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((tmp_path / 'report.json').read_text())['step'] == 6
+  assert not (tmp_path / '~').exists() and not (tmp_path / '$RUN').exists()
