@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from misc_jax import sharding
 from misc_jax.cli import expand
 
 HISTORY = 'config_history.jsonl'  # a run's later configs, a line per resume that changed one
@@ -238,15 +239,24 @@ def _bits(x):
   return lax.bitcast_convert_type(x, jnp.uint16 if size == 2 else jnp.uint32).astype(jnp.uint32)
 
 
-@jax.jit
-def _checksums(state):
+def _checksum(x):
+  bits = _bits(x).ravel()
+  weights = lax.iota(jnp.uint32, bits.size) * jnp.uint32(2654435761) | jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)  # wraps modulo 2^32
+
+
+def _to_every_process(fn, tree):
+  """fn(tree), computed where the tree's shards are, its (small) result fetched by every process."""
+  mesh = getattr(jax.tree.leaves(tree)[0].sharding, 'mesh', None)
+  out = sharding.replicated(mesh) if isinstance(mesh, jax.sharding.Mesh) else None
+  return jax.device_get(jax.jit(fn, out_shardings=out)(tree))
+
+
+def _checksums(state) -> dict[str, int]:
   """{array name: a uint32 sum of its bits, each word weighted by an odd number of its position}: any one
-  changed word changes its array's sum, and so does a moved one. Computed where the shards are."""
-  def checksum(x):
-    bits = _bits(x).ravel()
-    weights = lax.iota(jnp.uint32, bits.size) * jnp.uint32(2654435761) | jnp.uint32(1)
-    return jnp.sum(bits * weights, dtype=jnp.uint32)  # wraps modulo 2^32
-  return {name: checksum(x) for name, x in _named(state).items()}
+  changed word changes its array's sum, and so does a moved one."""
+  sums = _to_every_process(lambda tree: jax.tree.map(_checksum, tree), _named(state))
+  return {name: int(v) for name, v in sums.items()}
 
 
 def _named(tree) -> dict:
@@ -256,9 +266,8 @@ def _named(tree) -> dict:
 def step_metadata(state) -> dict:
   """What each checkpoint step records beside its arrays: their checksums (checked on restore) and the
   parameters' global norm (named in the message of a run that diverged)."""
-  sums = jax.device_get(_checksums(state))
-  norm = float(jax.device_get(jax.jit(optax.tree.norm)(state.params))) if hasattr(state, 'params') else None
-  return {'checksums': {name: int(v) for name, v in sums.items()}, 'param_norm': norm}
+  norm = float(_to_every_process(optax.tree.norm, state.params)) if hasattr(state, 'params') else None
+  return {'checksums': _checksums(state), 'param_norm': norm}
 
 
 def saved_metadata(mgr: ocp.CheckpointManager, step: int) -> dict:
@@ -287,8 +296,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, target):
     raise CheckpointMismatchError(f'step {step} in {mgr.directory}: {differences(want, got)}')
   expected = saved_metadata(mgr, step).get('checksums')
   if expected:  # steps saved before checksums existed are trusted as they are
-    sums = jax.device_get(_checksums(state))
-    wrong = sorted(name for name, v in sums.items() if expected.get(name) != int(v))
+    wrong = sorted(name for name, v in _checksums(state).items() if expected.get(name) != v)
     if wrong:
       raise damaged(f'{len(wrong)} arrays differ from their checksums, e.g. {wrong[0]}')
   return state
