@@ -231,6 +231,8 @@ def main(argv):
       if config.get('resume_step') is not None and 'resume_step' not in changes:
         with config.unlocked():  # this resume_step was applied by an earlier resume: resume as usual
           config.resume_step = None
+      if jax.process_count() > 1:  # every process has read the run's config before the lead adds to it
+        multihost_utils.sync_global_devices('config checked')
       if lead:
         rundir.write_config(config, run_dir, resumed_step(run_dir), changes)
         preview_data(config, run_dir)
