@@ -66,10 +66,12 @@ class ResumeError(ValueError):
 
 
 def _quiet_orbax(record) -> bool:
-  """Orbax logs several INFO lines per checkpoint, and each of its failed writes as a traceback (a full
-  disk gave hundreds, around the one error the run reports): keep its warnings, drop the rest."""
+  """Orbax logs several INFO lines per checkpoint, a warning for each step saved without evaluation
+  metrics (which we do on purpose), and each of its failed writes as a traceback (a full disk gave
+  hundreds, around the one error the run reports): keep its other warnings, drop the rest."""
   if '/orbax/' in record.pathname:
-    return record.levelno >= std_logging.WARNING and not record.exc_info
+    return (record.levelno >= std_logging.WARNING and not record.exc_info
+            and 'did not provide metrics' not in str(record.msg))
   if record.name == 'asyncio':  # Orbax's event loops, torn down after a failed save
     return 'orbax' not in str(record.msg) + str(record.exc_info)
   return True
