@@ -258,35 +258,41 @@ def test_a_resume_that_changes_what_the_run_learns_is_refused_unless_allowed_and
   assert (workdir / 'checkpoints' / str(STEPS + 1)).exists()
 
 
-def _damage_arrays(step_dir, how):
-  """Truncates the array data files of a checkpoint step (OCDBT's d/ folders), or flips 2,000 bytes in
-  the middle of each: the files keep their size, and only the arrays' values change."""
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
-      if os.path.basename(root) != 'd' or os.path.getsize(path) < 10_000:
-        continue
-      with open(path, 'r+b') as f:
-        if how == 'truncate':
-          f.truncate(100)
-        else:
-          f.seek(os.path.getsize(path) // 2)
-          data = f.read(2000)
-          f.seek(-len(data), os.SEEK_CUR)
-          f.write(bytes(b ^ 0x5A for b in data))
+def _damage(checkpoints, how):
+  """Damages checkpoint step 6 three ways: its array files (OCDBT's d/ folders) cut to 100 bytes; 2,000
+  bytes flipped in the middle of the largest one (the file keeps its size; zstd usually notices, raw blocks
+  would not); or step 5's arrays in step 6's place, which decode cleanly and only the checksums saved
+  with step 6 can tell apart."""
+  step_dir = checkpoints / '6'
+  if how == 'swap':
+    shutil.rmtree(step_dir / 'default')
+    shutil.copytree(checkpoints / '5' / 'default', step_dir / 'default')
+    return
+  files = [p for p in step_dir.rglob('*') if p.parent.name == 'd' and p.stat().st_size >= 10_000]
+  if how == 'flip':
+    files = [max(files, key=lambda p: p.stat().st_size)]
+  for path in files:
+    with open(path, 'r+b') as f:
+      if how == 'truncate':
+        f.truncate(100)
+      else:
+        f.seek(path.stat().st_size // 2)
+        data = f.read(2000)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in data))
 
 
-@pytest.mark.parametrize('how', ['truncate', 'flip'])
+@pytest.mark.parametrize('how', ['truncate', 'flip', 'swap'])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_restores(reference, smoke_config,
                                                                             tmp_path, caplog, how):
   workdir = tmp_path / 'damaged'
   shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
   shutil.copy(reference[0] / 'config.json', workdir / 'config.json')
-  _damage_arrays(workdir / 'checkpoints' / '6', how)
+  _damage(workdir / 'checkpoints', how)
   # Evaluation: 'latest' falls back to step 5 and names step 6; step 6 itself is reported as damaged.
   assert state_lib.load_run(str(workdir))[3] == 5
   assert 'checkpoint step 6' in caplog.text and 'is damaged' in caplog.text
-  if how == 'flip':
+  if how == 'swap':
     assert 'differ from their checksums' in caplog.text
   with pytest.raises(rundir.DamagedCheckpointError, match='checkpoint step 6 .* is damaged'):
     state_lib.load_run(str(workdir), '6')
