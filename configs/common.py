@@ -64,7 +64,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   # 2-4), 'cats' (CATs' 8 ResNet-101 blocks), 'hsnet' (every block of layers 2-4), or DHPF indices ('1,2,3').
   config.model.hyperpixels = 'last'
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
-  config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of source rows, bounded memory
+  config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of rows (of the image it does not stride)
   config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
   # or 'kernel_soft_argmax' (CHM's) or 'local_soft_argmax' (around the best score); the loss keeps soft_argmax
   config.model.transfer = 'soft_argmax'

@@ -184,10 +184,12 @@ def test_overfits_one_batch(smoke_config):
   assert pck_01 > 0.9, (pck_01, losses)
 
 
-def test_chunked_decoder_gives_the_same_scores_and_gradients():
-  """decoder_chunk_rows computes the correlation, decoder and heads a few source rows at a time."""
-  plain = _model(decoder_stride_dims='target')  # chunks need it
-  chunked = _model(decoder_stride_dims='target', decoder_chunk_rows=2)
+@pytest.mark.parametrize('stride_dims', ['source', 'target'])
+def test_chunked_decoder_gives_the_same_scores_and_gradients(stride_dims):
+  """decoder_chunk_rows computes the correlation, decoder and heads a few rows at a time: rows of the
+  target with the default source-strided decoder, of the source with a target-strided one."""
+  plain = _model(decoder_stride_dims=stride_dims)
+  chunked = _model(decoder_stride_dims=stride_dims, decoder_chunk_rows=2)
   rng = np.random.default_rng(0)
   source, target = (jnp.asarray(rng.integers(0, 256, (2, 48, 48, 3)), jnp.uint8) for _ in range(2))
   params = plain.init(jax.random.key(0), source, target)['params']

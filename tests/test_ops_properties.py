@@ -117,19 +117,24 @@ def test_pck_counts_exact_ties_as_correct():
 
 
 def _chunked(stack, rows):
-  """The stack through conv4d.chunked_stack, its input rows sliced from a zero-padded volume."""
+  """The stack through conv4d.chunked_stack, its input rows sliced from a zero-padded volume in the layout
+  chunks are cut in (the unstrided image's dims first), the output laid out back as the stack's."""
   margin = sum(k // 2 for k in stack.kernel_sizes)
 
   def apply(params, x):
+    x = conv4d.unstrided_first(stack.stride_dims, x)
     padded = jnp.pad(x, [(0, 0), (margin, margin)] + [(0, 0)] * 4)
     volume_rows = lambda start, n: jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1)
-    return conv4d.chunked_stack(stack, params, volume_rows, x.shape[1], rows)
+    out = conv4d.chunked_stack(stack, params, volume_rows, x.shape[1], rows)
+    return conv4d.unstrided_first(stack.stride_dims, out)
   return apply
 
 
-def test_chunked_stack_is_identical_and_uses_less_memory():
-  x = _rand(5, 2, 8, 6, 7, 9, 3)  # non-square, odd target sizes
-  stack = conv4d.CenterPivotStack((8, 16, 16), (3, 5, 3), (2, 1, 2), groups=4)
+@pytest.mark.parametrize('stride_dims', ['source', 'target'])
+def test_chunked_stack_is_identical_and_uses_less_memory(stride_dims):
+  # Non-square; the strided image's sides odd, the chunked image's height 8.
+  x = _rand(5, 2, 8, 6, 7, 9, 3) if stride_dims == 'target' else _rand(5, 2, 7, 9, 8, 6, 3)
+  stack = conv4d.CenterPivotStack((8, 16, 16), (3, 5, 3), (2, 1, 2), groups=4, stride_dims=stride_dims)
   params = stack.init(jax.random.key(0), x)['params']
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
   plain = lambda p, x: stack.apply({'params': p}, x)
@@ -145,7 +150,7 @@ def test_chunked_stack_is_identical_and_uses_less_memory():
   temp = lambda f: jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.sin(f(p, x))))).lower(
       params, big).compile().memory_analysis().temp_size_in_bytes
   assert temp(_chunked(stack, 1)) < 0.5 * temp(plain)
-  with pytest.raises(ValueError, match='chunk_rows=3 must divide the source height 8'):
+  with pytest.raises(ValueError, match='chunk_rows=3 must divide the height 8'):
     _chunked(stack, 3)(params, x)
 
 

@@ -149,26 +149,29 @@ class KBCNet(nn.Module):
     decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
                                       self.decoder_groups, dtype, self.decoder_stride_dims, name='decoder')
     head_dtypes = dict(refine_head=dtype, corr_head=None)  # the correlation head reads float32
-    correlate = lambda src_rows: correlate_tokens(src_rows, trg)  # -> float32 [B, n, Wa, Hb, Wb, S]
-    scores = functools.partial(score_volume, stride_dims=self.decoder_stride_dims)
 
     rows = self.decoder_chunk_rows
     if rows and not self.is_initializing():  # memory-bounded; initialising takes the plain path
       params = self.variables['params']
       heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
                for name, d in head_dtypes.items()}  # pure functions: they run inside lax.map
+      # Chunks of rows of the image the decoder does not stride, in a volume with its dims first
+      # (conv4d.unstrided_first); cosines are symmetric, so that volume is correlate(first, second).
+      first, second = (trg, src) if self.decoder_stride_dims == 'source' else (src, trg)
       margin = sum(k // 2 for k in self.decoder_kernels)
-      padded = jnp.pad(src, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
-      volume_rows = lambda start, n: correlate(
-          jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1))
+      padded = jnp.pad(first, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
+      volume_rows = lambda start, n: correlate_tokens(
+          jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1), second)
       out = conv4d.chunked_stack(decoder, params['decoder'], volume_rows, hw[0], rows,
-                                 head=lambda decoded, corr: scores(decoded, corr, **heads))
+                                 head=lambda decoded, corr: score_volume(decoded, corr, **heads,
+                                                                         stride_dims='target'))
+      out = conv4d.unstrided_first(self.decoder_stride_dims, out)
     else:
-      corr = correlate(src)
+      corr = correlate_tokens(src, trg)  # float32 [B, Ha, Wa, Hb, Wb, S]
       inits = head_inits(corr.shape[-1])
       heads = {name: nn.Dense(1, dtype=d, kernel_init=inits[name], name=name)
                for name, d in head_dtypes.items()}
-      out = scores(decoder(corr), corr, **heads)
+      out = score_volume(decoder(corr), corr, **heads, stride_dims=self.decoder_stride_dims)
     out = out.reshape(b, hw[0] * hw[1], *hw)
     return {'scores': out, 'fine': fine} if self.refine_dim else out
 

@@ -175,14 +175,30 @@ class CenterPivotBlock(nn.Module):
     return nn.relu(x)
 
 
+def unstrided_first(stride_dims: str, volume):
+  """A volume [B, Ha, Wa, Hb, Wb, ...] with the dims of the image the decoder does not stride first (the
+  target's when it strides the source: a transpose), and back: the layout `chunked_stack` and
+  `spatial_stack` cut into rows."""
+  return volume if stride_dims == 'target' else jnp.moveaxis(volume, (3, 4), (1, 2))
+
+
+def _unstrided_first_params(stride_dims: str, params):
+  """A CenterPivotConv4d's parameters for the volume `unstrided_first` lays out: with source strides the
+  branches trade places (conv_a convolves the dims that come first)."""
+  return params if stride_dims == 'target' else {'conv_a': params['conv_b'], 'conv_b': params['conv_a']}
+
+
 def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, height: int, rows: int,
                   head: Callable = lambda out, inp: out):
-  """The stack's output, `rows` source rows at a time, in memory bounded by one chunk.
+  """The stack's output, `rows` rows at a time, in memory bounded by one chunk.
 
-  `volume_rows(start, n)` returns the stack's input for source rows [start, start + n), zeros outside
-  [0, height) (the convolutions' padding); it may compute them on the fly (KBCNet computes the
-  correlation rows from the features), so the whole input volume never exists either. `head(out, inp)`
-  maps each chunk of the output (and the input rows it came from) to what is kept, e.g. one score channel.
+  The chunks are rows of the image whose dims the stack does not stride (the target's for the default
+  source strides, the source's for target strides), and everything here is in the layout
+  `unstrided_first` gives, that image's dims first: `volume_rows(start, n)` returns the stack's input for
+  rows [start, start + n) of it, [B, n, W, H, W, C], zeros outside [0, height) (the convolutions' padding);
+  it may compute them on the fly (KBCNet computes the correlation rows from the features), so the whole
+  input volume never exists either. `head(out, inp)` maps each chunk of the output (and the input rows it
+  came from) to what is kept, e.g. one score channel. The result is in that layout too.
 
   GroupNorm needs statistics over the whole volume, so block i's are accumulated in a pass of their own
   that recomputes blocks 0..i-1 on each chunk (with a halo of kernel // 2 rows per block); a last pass
@@ -192,10 +208,7 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
   passes of the first blocks.
   """
   if height % rows:
-    raise ValueError(f'chunk_rows={rows} must divide the source height {height}')
-  if stack.stride_dims == 'source' and any(s > 1 for s in stack.strides):
-    raise ValueError('a decoder in chunks of source rows needs its strides on the target dims '
-                     '(decoder_stride_dims="target")')
+    raise ValueError(f'chunk_rows={rows} must divide the height {height}')
   blocks = [CenterPivotConv4d(f, (k,) * 4, (1, 1, s, s), dtype=stack.dtype, loop_grads=True, parent=None)
             for f, k, s in zip(stack.features, stack.kernel_sizes, stack.strides, strict=True)]
   halos = [k // 2 for k in stack.kernel_sizes]
@@ -204,7 +217,8 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
   stats = []  # (mean, 1 / std) of each block, [B, G] each
 
   def conv(i, x):  # block i's convolution of a slab -> float32 [B, n - 2 halo, Wa, Hb', Wb', G, O / G]
-    y = blocks[i].apply({'params': params[f'block{i}']['CenterPivotConv4d_0']}, x, source_halo=halos[i])
+    conv_params = _unstrided_first_params(stack.stride_dims, params[f'block{i}']['CenterPivotConv4d_0'])
+    y = blocks[i].apply({'params': conv_params}, x, source_halo=halos[i])
     return y.astype(jnp.float32).reshape(*y.shape[:-1], groups, -1)
 
   def normalize(i, y, first_row):  # flax GroupNorm's formula (fast variance, eps 1e-6), ReLU, padding
@@ -240,7 +254,7 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
 
 class CenterPivotStack(nn.Module):
   """A sequence of CenterPivotBlocks, strided on the `stride_dims` ('source' or 'target');
-  `chunked_stack` computes the same in bounded memory (target strides only)."""
+  `chunked_stack` computes the same in bounded memory."""
   features: Sequence[int]
   kernel_sizes: Sequence[int]
   strides: Sequence[int]
