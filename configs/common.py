@@ -27,6 +27,7 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.mesh = ml_collections.ConfigDict()
   config.mesh.batch = -1
   config.mesh.fsdp = 1
+  config.mesh.spatial = 1  # chips splitting each pair's 4D volume by rows (docs/launch.md)
   config.mesh.dcn_batch = 1  # multi-slice TPU pods: slices along `batch` over the data-centre network
   config.mesh.fsdp_min_size = 2 ** 16  # state arrays smaller than this (elements) stay replicated
 

@@ -217,10 +217,9 @@ def decoding_threads(config: ml_collections.ConfigDict) -> int:
 
 
 def _per_process_batch(config):
-  batch, procs, devices = config.batch_size, jax.process_count(), jax.local_device_count()
-  if batch % (procs * devices):
-    raise ValueError(f'config.batch_size={batch} is not divisible by {procs} processes x '
-                     f'{devices} local devices')
+  batch, procs = config.batch_size, jax.process_count()
+  if batch % procs:
+    raise ValueError(f'config.batch_size={batch} is not divisible by the {procs} processes')
   return batch // procs
 
 

@@ -1,12 +1,13 @@
 """The device mesh and how arrays are laid out on it: one `jax.jit` program over every chip of every process.
 
-`config.mesh` names the axes: `batch` (data parallel) and `fsdp` (data parallel whose chips also split the
-train state, ZeRO-3 style); -1 takes the devices the other axes leave. The default, every device on `batch`,
+`config.mesh` names the axes: `batch` (data parallel), `fsdp` (data parallel whose chips also split the
+train state, ZeRO-3 style) and `spatial` (chips that share pairs and split each pair's 4D correlation
+volume and decoder by rows: ops/conv4d.py `spatial_stack`); -1 takes the devices the other axes leave. The default, every device on `batch`,
 is plain data parallelism over every chip: what the design's "pmapped across accelerators" asks for, and
 what `jax.pmap` itself compiles to since JAX 0.8 (jit over a one-axis mesh). On multi-slice TPU pods
 `config.mesh.dcn_batch` slices share the `batch` axis over the data-centre network, the rest stays on ICI.
 
-A batch is split over both axes (each chip its own pairs). A state array is split along its largest
+A batch is split over the data axes (each chip its own pairs; the `spatial` chips of a pair share them). A state array is split along its largest
 dimension that `fsdp` divides when it has at least `config.mesh.fsdp_min_size` elements, and replicated
 otherwise; XLA gathers the pieces where the step needs them.
 """
@@ -21,13 +22,13 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-AXES = ('batch', 'fsdp')
+AXES = ('batch', 'fsdp', 'spatial')
 DATA_AXES = ('batch', 'fsdp')  # the leading (pair) dimension of a batch is split over these
 
 
 def mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.mesh, or the all-`batch` default for configs saved before the field existed."""
-  default = ml_collections.ConfigDict(dict(batch=-1, fsdp=1, dcn_batch=1, fsdp_min_size=2 ** 16))
+  default = ml_collections.ConfigDict(dict(batch=-1, fsdp=1, spatial=1, dcn_batch=1, fsdp_min_size=2 ** 16))
   if 'mesh' in config:
     default.update(config.mesh)
   return default
@@ -60,6 +61,18 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   else:
     grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
   return jax.sharding.Mesh(grid, AXES)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  """How many ways a batch is split: the product of the data axes (the global batch must divide by it)."""
+  return int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+
+
+def spatial_size() -> int:
+  """The `spatial` axis of the mesh the caller set with `jax.set_mesh` (1 without one): how many chips
+  split each pair's correlation volume."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get('spatial', 1)
 
 
 def one_device_mesh() -> jax.sharding.Mesh:

@@ -59,11 +59,11 @@ def check_config(config) -> None:
   """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a mesh
   that does not fit the devices, a global batch they do not divide, weight files that are missing or not
   what the config says (state.check_weights), KBC's second pass asked of an evaluator that has none."""
-  sharding.make_mesh(config)
-  devices, batch = jax.device_count(), config.batch_size
+  devices, batch = sharding.data_parallel_size(sharding.make_mesh(config)), config.batch_size
   if batch % devices:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
-                     f'devices: set it to a multiple of {devices}, e.g. {devices * max(1, batch // devices)}')
+                     f'data-parallel devices (config.mesh batch x fsdp): set it to a multiple of {devices}, '
+                     f'e.g. {devices * max(1, batch // devices)}')
   if config.kbc.eval and config.eval.evaluator != 'pck':
     raise ValueError(f'config.kbc.eval=True: the {config.eval.evaluator!r} evaluator has no KBC pass (only '
                      "'pck' does); set config.kbc.eval=False")

@@ -154,6 +154,35 @@ def test_chunked_stack_is_identical_and_uses_less_memory(stride_dims):
     _chunked(stack, 3)(params, x)
 
 
+@pytest.mark.parametrize('stride_dims', ['source', 'target'])
+@pytest.mark.parametrize('spatial', [2, 8])
+def test_spatial_stack_over_chips_equals_the_whole_volume(stride_dims, spatial):
+  """The stack with its volume's rows split over `spatial` of the 8 fake devices (shard_map, halos by
+  ppermute, GroupNorm statistics by pmean): outputs and gradients of the whole-volume stack."""
+  mesh = jax.make_mesh((8 // spatial, spatial), ('batch', 'spatial'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  b = 8 // spatial
+  x = _rand(6, b, 8, 6, 8, 6, 3).astype(np.float32)  # 8 rows: one per chip at spatial 8 (halo 2 needs 2)
+  stack = conv4d.CenterPivotStack((8, 16, 16), (3, 3, 3), (2, 1, 2), groups=4, stride_dims=stride_dims)
+  params = stack.init(jax.random.key(0), x)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+  rows = jax.sharding.PartitionSpec('batch', 'spatial')
+
+  def split(p, x):
+    x = conv4d.unstrided_first(stride_dims, x)
+    out = jax.shard_map(lambda p, x: conv4d.spatial_stack(stack, p, x), mesh=mesh,
+                        in_specs=(jax.sharding.PartitionSpec(), rows), out_specs=rows)(p, x)
+    return conv4d.unstrided_first(stride_dims, out)
+
+  plain = lambda p, x: stack.apply({'params': p}, x)
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(jnp.sin(f(p, x))), argnums=(0, 1)))
+  np.testing.assert_allclose(jax.jit(split)(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
+  (l0, g0), (l1, g1) = loss(plain)(params, x), loss(split)(params, x)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, g in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(g, a, rtol=1e-5, atol=1e-7)
+
+
 def test_center_pivot_conv_refuses_branches_of_different_shapes():
   """Padding 0 on the target dims with a 3-wide kernel: the target branch shrinks them, the source branch
   keeps them. HSNet then sums and squeezes to a 4D tensor; we refuse instead of broadcasting to 6D."""

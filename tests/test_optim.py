@@ -85,9 +85,12 @@ def test_a_config_that_cannot_run_here_fails_at_start_naming_why():
   config.model.backbone_from_scratch = True
   train.check_config(config)
   config.batch_size = 12
-  with pytest.raises(ValueError, match='batch_size=12 .* does not divide over the 8 devices: set it to a '
-                                       'multiple of 8'):
+  with pytest.raises(ValueError, match=r'batch_size=12 .* does not divide over the 8 data-parallel devices '
+                                       r'\(config.mesh batch x fsdp\): set it to a multiple of 8'):
     train.check_config(config)
+  config.mesh.spatial = 4  # 2 data-parallel devices, each pair's volume over 4 chips
+  train.check_config(config)
+  config.mesh.spatial = 1
   config.batch_size = 16
   config.eval.evaluator = 'misc'  # kbcnet_spair evaluates with KBC's second pass, which only 'pck' has
   with pytest.raises(ValueError, match="config.kbc.eval=True: the 'misc' evaluator has no KBC pass"):

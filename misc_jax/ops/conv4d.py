@@ -182,10 +182,40 @@ def unstrided_first(stride_dims: str, volume):
   return volume if stride_dims == 'target' else jnp.moveaxis(volume, (3, 4), (1, 2))
 
 
-def _unstrided_first_params(stride_dims: str, params):
-  """A CenterPivotConv4d's parameters for the volume `unstrided_first` lays out: with source strides the
-  branches trade places (conv_a convolves the dims that come first)."""
-  return params if stride_dims == 'target' else {'conv_a': params['conv_b'], 'conv_b': params['conv_a']}
+def _row_blocks(stack: 'CenterPivotStack', params, loop_grads: bool):
+  """The stack's blocks as pure functions on slabs of rows of an `unstrided_first` volume, for
+  `chunked_stack` and `spatial_stack`: (halos, conv, norm_relu). `conv(i, x)` is block i's convolution of
+  a slab that carries halos[i] extra rows above and below (standing in for the padding of the rows) ->
+  float32 [B, n, W, H', W', G, O / G]; `norm_relu(i, y, mean, inv)` is its GroupNorm with the given
+  whole-volume statistics ([B, G] each; flax's formula: fast variance, eps 1e-6) and ReLU."""
+  blocks = [CenterPivotConv4d(f, (k,) * 4, (1, 1, s, s), dtype=stack.dtype, loop_grads=loop_grads,
+                              parent=None)
+            for f, k, s in zip(stack.features, stack.kernel_sizes, stack.strides, strict=True)]
+  halos = [k // 2 for k in stack.kernel_sizes]
+
+  def conv(i, x):
+    conv_params = params[f'block{i}']['CenterPivotConv4d_0']
+    if stack.stride_dims == 'source':  # the branches trade places: conv_a convolves the dims that come first
+      conv_params = {'conv_a': conv_params['conv_b'], 'conv_b': conv_params['conv_a']}
+    y = blocks[i].apply({'params': conv_params}, x, source_halo=halos[i])
+    return y.astype(jnp.float32).reshape(*y.shape[:-1], stack.groups, -1)
+
+  def norm_relu(i, y, mean, inv):
+    mean, inv = (v[:, None, None, None, None, :, None] for v in (mean, inv))
+    gn = params[f'block{i}']['GroupNorm_0']
+    y = ((y - mean) * inv).reshape(*y.shape[:-2], -1) * gn['scale'] + gn['bias']
+    return nn.relu(y).astype(stack.dtype or y.dtype)
+
+  return halos, conv, norm_relu
+
+
+def _moments(y):
+  """Per (pair, group) means of y and y^2 of conv's output [B, n, W, H', W', G, O / G]."""
+  return jnp.mean(y, (1, 2, 3, 4, 6)), jnp.mean(y * y, (1, 2, 3, 4, 6))
+
+
+def _inverse_std(mean, square):
+  return jax.lax.rsqrt(jnp.maximum(square - mean * mean, 0.) + 1e-6)
 
 
 def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, height: int, rows: int,
@@ -209,25 +239,14 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
   """
   if height % rows:
     raise ValueError(f'chunk_rows={rows} must divide the height {height}')
-  blocks = [CenterPivotConv4d(f, (k,) * 4, (1, 1, s, s), dtype=stack.dtype, loop_grads=True, parent=None)
-            for f, k, s in zip(stack.features, stack.kernel_sizes, stack.strides, strict=True)]
-  halos = [k // 2 for k in stack.kernel_sizes]
-  groups, dtype = stack.groups, stack.dtype
+  halos, conv, norm_relu = _row_blocks(stack, params, loop_grads=True)
   starts = jnp.arange(0, height, rows)
   stats = []  # (mean, 1 / std) of each block, [B, G] each
 
-  def conv(i, x):  # block i's convolution of a slab -> float32 [B, n - 2 halo, Wa, Hb', Wb', G, O / G]
-    conv_params = _unstrided_first_params(stack.stride_dims, params[f'block{i}']['CenterPivotConv4d_0'])
-    y = blocks[i].apply({'params': conv_params}, x, source_halo=halos[i])
-    return y.astype(jnp.float32).reshape(*y.shape[:-1], groups, -1)
-
-  def normalize(i, y, first_row):  # flax GroupNorm's formula (fast variance, eps 1e-6), ReLU, padding
-    mean, inv = (v[:, None, None, None, None, :, None] for v in stats[i])
-    gn = params[f'block{i}']['GroupNorm_0']
-    y = ((y - mean) * inv).reshape(*y.shape[:-2], -1) * gn['scale'] + gn['bias']
+  def normalize(i, y, first_row):  # rows outside the volume are the next block's zero padding
     row = first_row + jnp.arange(y.shape[1])
-    inside = (row >= 0) & (row < height)  # rows outside the volume are the next block's zero padding
-    return jnp.where(inside[:, None, None, None, None], nn.relu(y), 0).astype(dtype or y.dtype)
+    inside = (row >= 0) & (row < height)
+    return jnp.where(inside[:, None, None, None, None], norm_relu(i, y, *stats[i]), 0)
 
   def run(start, depth):  # blocks 0..depth-1 on rows [start, start + rows); then block depth's conv
     margin = total = sum(halos[:depth + 1])
@@ -235,26 +254,55 @@ def chunked_stack(stack: 'CenterPivotStack', params, volume_rows: Callable, heig
     for i in range(depth):
       margin -= halos[i]
       x = normalize(i, conv(i, x), start - margin)
-    if depth == len(blocks):
+    if depth == len(halos):
       return head(x, jax.lax.dynamic_slice_in_dim(inp, total, rows, axis=1))
     return conv(depth, x)
 
-  for depth in range(len(blocks)):
-    def moments(start, depth=depth):  # per (batch, group) means of y and y^2 over one chunk
-      y = run(start, depth)
-      return jnp.mean(y, (1, 2, 3, 4, 6)), jnp.mean(y * y, (1, 2, 3, 4, 6))
-    means, squares = jax.lax.map(jax.checkpoint(moments), starts)  # [chunks, B, G]; equal-size chunks
+  for depth in range(len(halos)):
+    moments = jax.checkpoint(lambda start, depth=depth: _moments(run(start, depth)))
+    means, squares = jax.lax.map(moments, starts)  # [chunks, B, G]; equal-size chunks
     mean = means.mean(0)
-    var = jnp.maximum(squares.mean(0) - mean * mean, 0.)
-    stats.append((mean, jax.lax.rsqrt(var + 1e-6)))
-  out = jax.lax.map(jax.checkpoint(lambda start: run(start, len(blocks))), starts)  # [chunks, B, rows, ..]
+    stats.append((mean, _inverse_std(mean, squares.mean(0))))
+  out = jax.lax.map(jax.checkpoint(lambda start: run(start, len(halos))), starts)  # [chunks, B, rows, ..]
   out = jnp.moveaxis(out, 0, 1)
   return out.reshape(out.shape[0], height, *out.shape[3:])
 
 
+def _with_halo(x, h: int, axis: str):
+  """This chip's rows x [B, n, ...] -> [B, n + 2h, ...]: the last h rows of the chip before it on mesh
+  axis `axis` above, the first h of the chip after it below, zeros past the volume's ends (padding)."""
+  if not h:
+    return x
+  if x.shape[1] < h:
+    raise ValueError(f'{x.shape[1]} rows per chip cannot supply a halo of {h} rows: use fewer spatial chips')
+  n = jax.lax.axis_size(axis)
+  above = jax.lax.ppermute(x[:, -h:], axis, [(j, j + 1) for j in range(n - 1)])  # the first chip gets 0s
+  below = jax.lax.ppermute(x[:, :h], axis, [(j + 1, j) for j in range(n - 1)])
+  return jnp.concatenate([above, x, below], axis=1)
+
+
+def spatial_stack(stack: 'CenterPivotStack', params, x, axis: str = 'spatial'):
+  """The stack's output for this chip's rows, inside `jax.shard_map` over a mesh whose axis `axis`
+  splits a volume by rows: x is this chip's slab [B, n, W, H, W, C] of an `unstrided_first` volume (rows
+  of the image the stack does not stride), and so is the result.
+
+  Before each block the chips swap halos of kernel // 2 rows with their neighbours (`ppermute`: two
+  messages of h rows each, whatever the volume's size), so every convolution sees what it would on the
+  whole volume; GroupNorm's statistics are means over the whole volume (`pmean` of the chips' equal-size
+  slabs). The same decomposition as `chunked_stack`, with chips in place of loop iterations: each holds
+  1/n of the volume and of every block's activations.
+  """
+  halos, conv, norm_relu = _row_blocks(stack, params, loop_grads=False)
+  for i, h in enumerate(halos):
+    y = conv(i, _with_halo(x, h, axis))
+    mean, square = (jax.lax.pmean(v, axis) for v in _moments(y))
+    x = norm_relu(i, y, mean, _inverse_std(mean, square))
+  return x
+
+
 class CenterPivotStack(nn.Module):
   """A sequence of CenterPivotBlocks, strided on the `stride_dims` ('source' or 'target');
-  `chunked_stack` computes the same in bounded memory."""
+  `chunked_stack` computes the same in bounded memory, `spatial_stack` split over chips."""
   features: Sequence[int]
   kernel_sizes: Sequence[int]
   strides: Sequence[int]
