@@ -67,6 +67,9 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   config.model.feature_stride = 8     # feature grid = image_size / feature_stride per side
   config.model.decoder_chunk_rows = 0  # > 0: decoder in chunks of rows (of the image it does not stride)
   config.model.dtype = 'float32'      # 'bfloat16': bf16 compute, float32 params, scores and loss
+  # True: ViT and decoder blocks are recomputed in the backward pass instead of keeping their activations
+  # (less memory for one more forward pass; the gradients do not change).
+  config.model.remat = False
   # or 'kernel_soft_argmax' (CHM's) or 'local_soft_argmax' (around the best score); the loss keeps soft_argmax
   config.model.transfer = 'soft_argmax'
   config.model.beta = 0.02            # softmax temperature of the transfer

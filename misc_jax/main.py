@@ -57,8 +57,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 RESUMABLE_FIELDS = ('total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints', 'resume_step', 'steps_per_dispatch',
                     'unroll_dispatch', 'mesh.', 'dataset.data_dir', 'dataset.eval_split', 'input.prefetch',
-                    'input.decoding_threads', 'model.decoder_chunk_rows', 'eval.', 'kbc.eval',
-                    'kbc.coarse_pass', 'kbc.coarse_radius', 'kbc.passes')
+                    'input.decoding_threads', 'model.decoder_chunk_rows', 'model.remat', 'eval.',
+                    'kbc.eval', 'kbc.coarse_pass', 'kbc.coarse_radius', 'kbc.passes')
 
 
 class ResumeError(ValueError):

@@ -2,14 +2,16 @@
 
 `config.mesh` names the axes: `batch` (data parallel), `fsdp` (data parallel whose chips also split the
 train state, ZeRO-3 style) and `spatial` (chips that share pairs and split each pair's 4D correlation
-volume and decoder by rows: ops/conv4d.py `spatial_stack`); -1 takes the devices the other axes leave. The default, every device on `batch`,
-is plain data parallelism over every chip: what the design's "pmapped across accelerators" asks for, and
-what `jax.pmap` itself compiles to since JAX 0.8 (jit over a one-axis mesh). On multi-slice TPU pods
-`config.mesh.dcn_batch` slices share the `batch` axis over the data-centre network, the rest stays on ICI.
+volume and decoder by rows: ops/conv4d.py `spatial_stack`); -1 takes the devices the other axes leave.
+The default, every device on `batch`, is plain data parallelism over every chip: what the design's
+"pmapped across accelerators" asks for, and what `jax.pmap` itself compiles to since JAX 0.8 (jit over a
+one-axis mesh). On multi-slice TPU pods `config.mesh.dcn_batch` slices share the `batch` axis over the
+data-centre network, the rest stays on ICI.
 
-A batch is split over the data axes (each chip its own pairs; the `spatial` chips of a pair share them). A state array is split along its largest
-dimension that `fsdp` divides when it has at least `config.mesh.fsdp_min_size` elements, and replicated
-otherwise; XLA gathers the pieces where the step needs them.
+A batch is split over the data axes (each chip its own pairs; the `spatial` chips of a pair share them).
+A state array is split along its largest dimension that `fsdp` divides when it has at least
+`config.mesh.fsdp_min_size` elements, and replicated otherwise; XLA gathers the pieces where the step
+needs them.
 """
 
 import collections

@@ -64,6 +64,11 @@ def check_config(config) -> None:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
                      f'data-parallel devices (config.mesh batch x fsdp): set it to a multiple of {devices}, '
                      f'e.g. {devices * max(1, batch // devices)}')
+  spatial = sharding.mesh_config(config).spatial
+  if spatial > 1 and not getattr(importlib.import_module(f'misc_jax.models.{config.model.name}'),
+                                 'SPLITS_VOLUME', False):
+    raise ValueError(f'config.mesh.spatial={spatial}: model {config.model.name!r} does not split its '
+                     'correlation volume over chips (kbcnet does); set config.mesh.spatial=1')
   if config.kbc.eval and config.eval.evaluator != 'pck':
     raise ValueError(f'config.kbc.eval=True: the {config.eval.evaluator!r} evaluator has no KBC pass (only '
                      "'pck' does); set config.kbc.eval=False")
@@ -338,8 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     pending, metrics, stop, agreed, confirmed = [], {}, False, None, start
     for step in range(start + k, config.total_steps + 1, k):
-      state, step_metrics, stop_now = step_fn(state, next(batches), rng,
-                                              sharding.flags(mesh, preemption.requested))
+      with jax.set_mesh(mesh):  # a model may split its volume over the mesh (sharding.spatial_size)
+        state, step_metrics, stop_now = step_fn(state, next(batches), rng,
+                                                sharding.flags(mesh, preemption.requested))
       stop, agreed = agreed is not None and bool(agreed), stop_now  # the same on every process
       pending.append(step_metrics)
       bar.update(k)

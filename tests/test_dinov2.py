@@ -3,6 +3,7 @@ converter), its pieces against plain references, and DINOv2 as KBCNet's backbone
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,32 @@ def test_the_converter_reads_the_architecture_and_refuses_what_does_not_fit(tmp_
   np.savez(tmp_path / 'resnet.npz', **{'conv1.weight': np.zeros((64, 3, 7, 7), np.float32)})
   with pytest.raises(ValueError, match='resnet.npz: not a DINOv2 state_dict'):
     convert_dinov2.convert(str(tmp_path / 'resnet.npz'), str(tmp_path / 'out.msgpack'))
+
+
+def _grads_and_checkpoints(model, params, inputs, method=None):
+  """The gradient of a loss of the model's outputs, and how many jax.checkpoint regions its forward pass
+  has."""
+  loss = lambda p: sum(jnp.mean(jnp.sin(y)) for y in jax.tree.leaves(
+      model.apply({'params': p}, *inputs, method=method)))
+  regions = re.findall(r'= (?:remat2|checkpoint)\[', str(jax.make_jaxpr(loss)(params)))
+  return jax.jit(jax.grad(loss))(params), len(regions)
+
+
+def test_remat_recomputes_the_blocks_and_keeps_the_gradients():
+  """config.model.remat: every ViT block, and every decoder block, is a jax.checkpoint; same gradients."""
+  from misc_jax.ops import conv4d  # pylint: disable=g-import-not-at-top
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 3)), jnp.float32)
+  vit = dict(dim=32, depth=3, heads=2, out_blocks=(1, 2))
+  volume = jnp.asarray(np.random.default_rng(1).normal(size=(1, 6, 6, 6, 6, 3)), jnp.float32)
+  stack = dict(features=(8, 8), kernel_sizes=(3, 3), strides=(2, 1), stride_dims='source')
+  cases = ((lambda remat: dinov2.DinoV2(**vit, remat=remat), (images,), 'features', 3),
+           (lambda remat: conv4d.CenterPivotStack(**stack, remat=remat), (volume,), None, 2))
+  for make, inputs, method, blocks in cases:
+    params = make(False).init(jax.random.key(0), *inputs)['params']
+    (plain, none), (remat, regions) = (_grads_and_checkpoints(make(r), params, inputs, method)
+                                       for r in (False, True))
+    assert (none, regions) == (0, blocks)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), plain, remat)
 
 
 @pytest.fixture(scope='module')

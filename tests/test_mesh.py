@@ -1,5 +1,5 @@
-"""The training step on device meshes (8 fake CPU devices): every (batch, fsdp) layout trains the same
-model, FSDP splits the state's bytes, a checkpoint moves between meshes, init leaves no second copy."""
+"""The training step on device meshes (8 fake CPU devices): every (batch, fsdp, spatial) layout trains the
+same model, FSDP splits the state's bytes, a checkpoint moves between meshes, init leaves no second copy."""
 
 import gc
 
@@ -14,13 +14,13 @@ from misc_jax import sharding
 from misc_jax import state as state_lib
 from misc_jax import train
 
-MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (1, 1, 8), (2, 2, 2)]
 STEPS = 4
 
 
 def _config(smoke_config, mesh_shape):
   config = smoke_config.copy_and_resolve_references()
-  config.mesh.batch, config.mesh.fsdp = mesh_shape
+  config.mesh.batch, config.mesh.fsdp, config.mesh.spatial = mesh_shape
   config.mesh.fsdp_min_size = 256  # the smoke model's arrays are small: split most of them
   return config
 
@@ -33,8 +33,9 @@ def _train(config, batches):
   step = train.compile_step(config, model_module, mesh, jax.tree.map(lambda x: x.sharding, state))
   losses, first = [], None
   for batch in batches:
-    state, metrics, _ = step(state, sharding.global_batch(mesh, batch, stacked=True), jax.random.key(1),
-                             sharding.flags(mesh, False))
+    with jax.set_mesh(mesh):  # as train.train_and_evaluate: KBCNet reads the `spatial` axis from it
+      state, metrics, _ = step(state, sharding.global_batch(mesh, batch, stacked=True), jax.random.key(1),
+                               sharding.flags(mesh, False))
     losses.append(float(metrics['loss'][0]))
     first = jax.device_get(state.params) if first is None else first
   return np.array(losses), first, state, step
@@ -55,7 +56,7 @@ def runs(tiny_data_dir):
 @pytest.mark.pod
 def test_every_mesh_gives_the_losses_of_the_all_batch_mesh(runs):
   results, _ = runs
-  losses, first, _, _ = results[(8, 1)]
+  losses, first, _, _ = results[(8, 1, 1)]
   for shape in MESHES[1:]:
     # Other meshes sum the gradient in other orders; Adam amplifies such float noise on parameters whose
     # gradients are near zero, step by step, so the parameters are compared after the first step.
@@ -90,12 +91,12 @@ def test_fsdp_splits_the_large_arrays_and_the_step_compiles_once(runs):
 @pytest.mark.pod
 def test_a_checkpoint_saved_on_one_mesh_restores_exactly_on_others(runs, tmp_path):
   results, smoke = runs
-  saved = results[(2, 4)][2]
+  saved = results[(2, 4, 1)][2]
   with rundir.manager(tmp_path / 'checkpoints', create=True) as mgr:
     mgr.save(STEPS, args=ocp.args.StandardSave(saved))
     mgr.wait_until_finished()
   expected = jax.device_get(saved)
-  for shape in ((8, 1), (1, 8)):
+  for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):
     config = _config(smoke, shape)
     mesh = sharding.make_mesh(config)
     target, shardings = state_lib.sharded_shapes(config, state_lib.create_model(config)[1], mesh)
@@ -115,7 +116,7 @@ def _live_bytes_per_device():
   return out
 
 
-@pytest.mark.parametrize('shape', [(8, 1), (1, 8)])
+@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1)])
 def test_init_leaves_no_second_copy_of_the_state_on_any_device(smoke_config, shape, tmp_path):
   """Fresh, and with weights loaded into it (a trunk written from a fresh state, as export_trunk does)."""
   config = _config(smoke_config, shape)

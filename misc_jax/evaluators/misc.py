@@ -238,7 +238,8 @@ class Evaluator:
   def evaluate(self, state):
     records, first = [], None
     for local in input_pipeline.eval_iterator(self.config, self.split):
-      out = self._step(state, sharding.global_batch(self.mesh, local))
+      with jax.set_mesh(self.mesh):  # a model may split its volume over the mesh
+        out = self._step(state, sharding.global_batch(self.mesh, local))
       out = {k: sharding.local_part(self.mesh, v, self._spec(k)) for k, v in out.items()}
       records.append(pair_records(local, out, self.config))
       if first is None:

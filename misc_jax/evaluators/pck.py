@@ -96,7 +96,8 @@ class Evaluator:
   def evaluate(self, state):
     total, first = None, None
     for local in input_pipeline.eval_iterator(self.config, self.split):
-      sums, out = self._step(state, sharding.global_batch(self.mesh, local))
+      with jax.set_mesh(self.mesh):  # a model may split its volume over the mesh
+        sums, out = self._step(state, sharding.global_batch(self.mesh, local))
       sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)  # replicated: every process has it
       total = sums if total is None else jax.tree.map(np.add, total, sums)
       if first is None:

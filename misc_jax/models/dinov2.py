@@ -187,6 +187,7 @@ class DinoV2(nn.Module):
   interpolate_antialias: bool = False
   out_blocks: tuple[int, ...] = ()
   frozen: bool = False
+  remat: bool = False  # recompute each block in the backward pass instead of keeping its activations
   dtype: jnp.dtype | None = None
 
   @nn.compact
@@ -206,9 +207,9 @@ class DinoV2(nn.Module):
       reg = self.param('register_tokens', nn.initializers.normal(1e-6), (1, self.registers, self.dim))
       x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (b, self.registers, self.dim)).astype(x.dtype),
                            x[:, 1:]], 1)
-    blocks = {}
+    blocks, block = {}, nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.heads, self.ffn, self.dtype, name=f'blocks_{i}')(x)
+      x = block(self.heads, self.ffn, self.dtype, name=f'blocks_{i}')(x)
       if i in self.out_blocks:
         blocks[i] = x
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')
@@ -234,7 +235,7 @@ def from_config(model_config) -> DinoV2:
   model.freeze_backbone fixes it."""
   c = model_config
   return DinoV2(**architecture(c.dinov2), out_blocks=tuple(c.dinov2_blocks), frozen=c.freeze_backbone,
-                dtype=jnp.dtype(c.dtype))
+                remat=c.get('remat', False), dtype=jnp.dtype(c.dtype))
 
 
 def feature_grid(model_config) -> grid.Grid:

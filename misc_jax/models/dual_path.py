@@ -76,6 +76,7 @@ class DualPath(nn.Module):
   decoder_strides: tuple[int, ...]
   decoder_stride_dims: str = 'source'
   decoder_groups: int = 4
+  decoder_remat: bool = False
   dtype: str = 'float32'
   num_queries: int = 6
   mask_dim: int = 32
@@ -107,7 +108,7 @@ class DualPath(nn.Module):
         corr = corr * fg[0][:, :, :, None, None, None] * fg[1][:, None, None, :, :, None]
     decoded = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
                                       self.decoder_groups, dtype, self.decoder_stride_dims,
-                                      name='decoder')(corr)
+                                      self.decoder_remat, name='decoder')(corr)
     inits = kbcnet.head_inits(scales)
     scores = kbcnet.score_volume(
         decoded, corr, nn.Dense(1, dtype=dtype, kernel_init=inits['refine_head'], name='refine_head'),

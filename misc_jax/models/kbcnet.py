@@ -25,12 +25,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from misc_jax import sharding
 from misc_jax.models import resnet
 from misc_jax.models import supervision
 from misc_jax.ops import conv4d
 from misc_jax.ops import correlation
 from misc_jax.ops import grid as grids
 from misc_jax.ops import soft_argmax
+
+# Splits each pair's correlation volume over the mesh's `spatial` chips (train.check_config asks).
+SPLITS_VOLUME = True
 
 VARIANTS = {
     'kbcnet_tiny': dict(stage_sizes=(1, 1, 1, 1), width=16, backbone_norm='group', csfa_dim=32,
@@ -71,7 +75,7 @@ def decoder_fields(model_config) -> dict:
   c = model_config
   return dict(decoder_features=tuple(c.decoder_features), decoder_kernels=tuple(c.decoder_kernels),
               decoder_strides=tuple(c.decoder_strides), decoder_stride_dims=c.decoder_stride_dims,
-              decoder_groups=c.decoder_groups)
+              decoder_groups=c.decoder_groups, decoder_remat=c.get('remat', False))
 
 
 def from_config(model_config) -> 'KBCNet':
@@ -130,6 +134,7 @@ class KBCNet(nn.Module):
   decoder_strides: tuple[int, ...]
   decoder_stride_dims: str = 'source'
   decoder_groups: int = 4
+  decoder_remat: bool = False
   decoder_chunk_rows: int = 0
   num_parts: int = 0
   refine_dim: int = 0
@@ -147,24 +152,30 @@ class KBCNet(nn.Module):
     hw = tokens.shape[1:3]
     src, trg = tokens[:b], tokens[b:]
     decoder = conv4d.CenterPivotStack(self.decoder_features, self.decoder_kernels, self.decoder_strides,
-                                      self.decoder_groups, dtype, self.decoder_stride_dims, name='decoder')
+                                      self.decoder_groups, dtype, self.decoder_stride_dims,
+                                      self.decoder_remat, name='decoder')
     head_dtypes = dict(refine_head=dtype, corr_head=None)  # the correlation head reads float32
 
-    rows = self.decoder_chunk_rows
-    if rows and not self.is_initializing():  # memory-bounded; initialising takes the plain path
+    rows, spatial = self.decoder_chunk_rows, sharding.spatial_size()
+    if (rows or spatial > 1) and not self.is_initializing():  # initialising takes the plain path
       params = self.variables['params']
-      heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
-               for name, d in head_dtypes.items()}  # pure functions: they run inside lax.map
-      # Chunks of rows of the image the decoder does not stride, in a volume with its dims first
+
+      def head(params):  # the score heads as a pure function: it runs inside lax.map / shard_map
+        heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
+                 for name, d in head_dtypes.items()}
+        return functools.partial(score_volume, **heads, stride_dims='target')
+      # Rows of the image the decoder does not stride, in a volume with its dims first
       # (conv4d.unstrided_first); cosines are symmetric, so that volume is correlate(first, second).
       first, second = (trg, src) if self.decoder_stride_dims == 'source' else (src, trg)
-      margin = sum(k // 2 for k in self.decoder_kernels)
-      padded = jnp.pad(first, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
-      volume_rows = lambda start, n: correlate_tokens(
-          jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1), second)
-      out = conv4d.chunked_stack(decoder, params['decoder'], volume_rows, hw[0], rows,
-                                 head=lambda decoded, corr: score_volume(decoded, corr, **heads,
-                                                                         stride_dims='target'))
+      if spatial > 1:  # this pair's rows split over the mesh's `spatial` chips
+        used = {name: params[name] for name in ('decoder', *head_dtypes)}
+        out = _spatial_scores(decoder, used, head, first, second, spatial)
+      else:  # memory-bounded: chunks of rows, one after the other
+        margin = sum(k // 2 for k in self.decoder_kernels)
+        padded = jnp.pad(first, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
+        volume_rows = lambda start, n: correlate_tokens(
+            jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1), second)
+        out = conv4d.chunked_stack(decoder, params['decoder'], volume_rows, hw[0], rows, head(params))
       out = conv4d.unstrided_first(self.decoder_stride_dims, out)
     else:
       corr = correlate_tokens(src, trg)  # float32 [B, Ha, Wa, Hb, Wb, S]
@@ -174,6 +185,25 @@ class KBCNet(nn.Module):
       out = score_volume(decoder(corr), corr, **heads, stride_dims=self.decoder_stride_dims)
     out = out.reshape(b, hw[0] * hw[1], *hw)
     return {'scores': out, 'fine': fine} if self.refine_dim else out
+
+
+def _spatial_scores(decoder, params, head, first, second, spatial: int):
+  """The scores head(params)(decoded, corr) [B, Ha, Wa, Hb, Wb] in `unstrided_first` layout, with the rows
+  of `first` split over the
+  mesh's `spatial` axis (set by the caller with `jax.set_mesh`): each chip correlates its rows of `first`
+  with the whole of `second` and decodes them (conv4d.spatial_stack), so no chip holds the whole volume.
+  The result stays split by rows; the loss and read-out that follow are partitioned by XLA."""
+  if first.shape[1] % spatial:
+    raise ValueError(f'config.mesh.spatial={spatial} must divide the feature grid\'s {first.shape[1]} rows')
+
+  def local(params, first, second):
+    corr = correlate_tokens(first, second)
+    return head(params)(conv4d.spatial_stack(decoder, params['decoder'], corr), corr)
+
+  pairs = jax.sharding.PartitionSpec(sharding.DATA_AXES)
+  rows = jax.sharding.PartitionSpec(sharding.DATA_AXES, 'spatial')
+  return jax.shard_map(local, in_specs=(jax.sharding.PartitionSpec(), rows, pairs), out_specs=rows)(
+      params, first, second)
 
 
 def part_logits(tokens, num_parts: int):

@@ -309,10 +309,11 @@ class CenterPivotStack(nn.Module):
   groups: int = 4
   dtype: jnp.dtype | None = None
   stride_dims: str = 'target'
+  remat: bool = False  # recompute each block in the backward pass instead of keeping its activations
 
   @nn.compact
   def __call__(self, x):
-    blocks = zip(self.features, self.kernel_sizes, self.strides, strict=True)
-    for i, (f, k, s) in enumerate(blocks):
-      x = CenterPivotBlock(f, k, s, self.stride_dims, self.groups, self.dtype, name=f'block{i}')(x)
+    block = nn.remat(CenterPivotBlock) if self.remat else CenterPivotBlock
+    for i, (f, k, s) in enumerate(zip(self.features, self.kernel_sizes, self.strides, strict=True)):
+      x = block(f, k, s, self.stride_dims, self.groups, self.dtype, name=f'block{i}')(x)
     return x
