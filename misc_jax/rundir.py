@@ -81,16 +81,18 @@ def read_config(workdir) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads((path / 'config.json').read_text()))
 
 
-def write_config(config: ml_collections.ConfigDict, workdir, resumed_at: int | None = None,
+def write_config(config: ml_collections.ConfigDict, workdir, newest_checkpoint: int | None = None,
                  changes: dict | None = None) -> None:
-  """A new run's config.json; on a resume that changes fields, a line of config_history.jsonl (the step,
-  the time, the changes and the whole new config), so the run keeps a record of what trained each step."""
+  """A new run's config.json; on a resume that changes fields, a line of config_history.jsonl (the newest
+  checkpoint step then, the time, the changes and the whole new config), so the run keeps a record of what
+  trained each step. The resume starts from that step unless it is damaged or config.resume_step names an
+  earlier one (the log says which); steps after the resumed one are trained again with the new config."""
   path = absolute(workdir)
   path.mkdir(parents=True, exist_ok=True)
   if not (path / 'config.json').exists():
     (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
   elif changes:
-    entry = {'resumed_at_step': resumed_at, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+    entry = {'newest_checkpoint_step': newest_checkpoint, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
              'changes': {field: list(values) for field, values in changes.items()},
              'config': json.loads(config.to_json_best_effort())}
     with (path / HISTORY).open('a') as f:

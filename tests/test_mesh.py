@@ -59,8 +59,10 @@ def test_every_mesh_gives_the_losses_of_the_all_batch_mesh(runs):
   losses, first, _, _ = results[(8, 1, 1)]
   for shape in MESHES[1:]:
     # Other meshes sum the gradient in other orders; Adam amplifies such float noise on parameters whose
-    # gradients are near zero, step by step, so the parameters are compared after the first step.
-    np.testing.assert_allclose(results[shape][0], losses, rtol=1e-5, err_msg=str(shape))
+    # gradients are near zero, step by step, so the parameters are compared after the first step, and the
+    # losses of the later steps more loosely: (2, 4, 1) measured 2.9e-5 apart at step 4.
+    np.testing.assert_allclose(results[shape][0][:2], losses[:2], rtol=1e-5, err_msg=str(shape))
+    np.testing.assert_allclose(results[shape][0], losses, rtol=1e-4, err_msg=str(shape))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[shape][1],
                  first)
 

@@ -252,7 +252,7 @@ def test_a_resume_that_changes_what_the_run_learns_is_refused_unless_allowed_and
                 **{'model.sigma': 2 * sigma}), workdir)
   assert (workdir / 'config.json').read_text() == before
   [entry] = [json.loads(line) for line in (workdir / rundir.HISTORY).read_text().splitlines()]
-  assert entry['resumed_at_step'] == STEPS
+  assert entry['newest_checkpoint_step'] == STEPS
   assert entry['changes'] == {'model.sigma': [sigma, 2 * sigma], 'total_steps': [STEPS, STEPS + 1]}
   assert rundir.read_config(workdir).model.sigma == 2 * sigma  # what evaluate and predict read
   assert (workdir / 'checkpoints' / str(STEPS + 1)).exists()
