@@ -1,5 +1,6 @@
 """KBCNet: shapes and sizes, coordinate conventions through an identity volume, and overfitting a batch."""
 
+import contextlib
 import functools
 import time
 
@@ -184,23 +185,29 @@ def test_overfits_one_batch(smoke_config):
   assert pck_01 > 0.9, (pck_01, losses)
 
 
-@pytest.mark.parametrize('stride_dims', ['source', 'target'])
-def test_chunked_decoder_gives_the_same_scores_and_gradients(stride_dims):
-  """decoder_chunk_rows computes the correlation, decoder and heads a few rows at a time: rows of the
-  target with the default source-strided decoder, of the source with a target-strided one."""
+@pytest.mark.parametrize('path,stride_dims', [('chunks', 'source'), ('chunks', 'target'),
+                                              ('spatial', 'source')])
+def test_chunked_or_spatial_decoder_gives_the_same_scores_and_gradients(path, stride_dims):
+  """decoder_chunk_rows computes the correlation, decoder and heads a few rows at a time, and a mesh with
+  a `spatial` axis splits those rows over chips: rows of the target with the default source-strided
+  decoder, of the source with a target-strided one."""
   plain = _model(decoder_stride_dims=stride_dims)
-  chunked = _model(decoder_stride_dims=stride_dims, decoder_chunk_rows=2)
+  split = _model(decoder_stride_dims=stride_dims, decoder_chunk_rows=2 if path == 'chunks' else 0)
   rng = np.random.default_rng(0)
   source, target = (jnp.asarray(rng.integers(0, 256, (2, 48, 48, 3)), jnp.uint8) for _ in range(2))
   params = plain.init(jax.random.key(0), source, target)['params']
   assert jax.tree.structure(params) == jax.tree.structure(
-      chunked.init(jax.random.key(0), source, target)['params'])
+      split.init(jax.random.key(0), source, target)['params'])
   # A refine head past initialisation: at its zero start the decoder would get no gradient to compare.
   head = params['refine_head']
   params = {**params, 'refine_head': {**head, 'kernel': jnp.full_like(head['kernel'], 0.5)}}
   loss = lambda model: jax.jit(jax.value_and_grad(
       lambda p: jnp.mean(jnp.tanh(model.apply({'params': p}, source, target)))))
-  (l0, g0), (l1, g1) = loss(plain)(params), loss(chunked)(params)
+  (l0, g0) = loss(plain)(params)
+  mesh = jax.make_mesh((2, 1, 2), sharding.AXES, devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)  # 2 pairs, each over 2 chips
+  with jax.set_mesh(mesh) if path == 'spatial' else contextlib.nullcontext():
+    (l1, g1) = loss(split)(params)
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
