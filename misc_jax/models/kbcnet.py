@@ -158,24 +158,9 @@ class KBCNet(nn.Module):
 
     rows, spatial = self.decoder_chunk_rows, sharding.spatial_size()
     if (rows or spatial > 1) and not self.is_initializing():  # initialising takes the plain path
-      params = self.variables['params']
-
-      def head(params):  # the score heads as a pure function: it runs inside lax.map / shard_map
-        heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
-                 for name, d in head_dtypes.items()}
-        return functools.partial(score_volume, **heads, stride_dims='target')
-      # Rows of the image the decoder does not stride, in a volume with its dims first
-      # (conv4d.unstrided_first); cosines are symmetric, so that volume is correlate(first, second).
+      # Rows of the image the decoder does not stride, in a volume with its dims first.
       first, second = (trg, src) if self.decoder_stride_dims == 'source' else (src, trg)
-      if spatial > 1:  # this pair's rows split over the mesh's `spatial` chips
-        used = {name: params[name] for name in ('decoder', *head_dtypes)}
-        out = _spatial_scores(decoder, used, head, first, second, spatial)
-      else:  # memory-bounded: chunks of rows, one after the other
-        margin = sum(k // 2 for k in self.decoder_kernels)
-        padded = jnp.pad(first, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
-        volume_rows = lambda start, n: correlate_tokens(
-            jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1), second)
-        out = conv4d.chunked_stack(decoder, params['decoder'], volume_rows, hw[0], rows, head(params))
+      out = _scores_by_rows(decoder, self.variables['params'], head_dtypes, first, second, rows, spatial)
       out = conv4d.unstrided_first(self.decoder_stride_dims, out)
     else:
       corr = correlate_tokens(src, trg)  # float32 [B, Ha, Wa, Hb, Wb, S]
@@ -187,22 +172,33 @@ class KBCNet(nn.Module):
     return {'scores': out, 'fine': fine} if self.refine_dim else out
 
 
-def _spatial_scores(decoder, params, head, first, second, spatial: int):
-  """The scores head(params)(decoded, corr) [B, Ha, Wa, Hb, Wb] in `unstrided_first` layout, with the rows
-  of `first` split over the
-  mesh's `spatial` axis (set by the caller with `jax.set_mesh`): each chip correlates its rows of `first`
-  with the whole of `second` and decodes them (conv4d.spatial_stack), so no chip holds the whole volume.
-  The result stays split by rows; the loss and read-out that follow are partitioned by XLA."""
+def _scores_by_rows(decoder, params, head_dtypes, first, second, rows: int, spatial: int):
+  """The scores [B, H1, W1, H2, W2] of the volume correlate(first, second) (the `unstrided_first` layout:
+  cosines are symmetric), computed by rows of `first`: split over the `spatial` chips of the mesh the
+  caller set with `jax.set_mesh` (conv4d.spatial_stack), or else `rows` at a time (conv4d.chunked_stack).
+  Either way no chip holds the whole volume; the loss and read-out after it are partitioned by XLA."""
+  def head(params):  # the score heads as a pure function: it runs inside lax.map / shard_map
+    heads = {name: functools.partial(nn.Dense(1, dtype=d, parent=None).apply, {'params': params[name]})
+             for name, d in head_dtypes.items()}
+    return functools.partial(score_volume, **heads, stride_dims='target')
+
+  params = {name: params[name] for name in ('decoder', *head_dtypes)}
+  if spatial == 1:
+    margin = sum(k // 2 for k in decoder.kernel_sizes)
+    padded = jnp.pad(first, [(0, 0), (margin, margin)] + [(0, 0)] * 3)  # zero rows: zero correlation
+    volume_rows = lambda start, n: correlate_tokens(
+        jax.lax.dynamic_slice_in_dim(padded, start + margin, n, axis=1), second)
+    return conv4d.chunked_stack(decoder, params['decoder'], volume_rows, first.shape[1], rows, head(params))
   if first.shape[1] % spatial:
     raise ValueError(f'config.mesh.spatial={spatial} must divide the feature grid\'s {first.shape[1]} rows')
 
-  def local(params, first, second):
+  def local(params, first, second):  # one chip: its rows of `first`, all of `second`
     corr = correlate_tokens(first, second)
     return head(params)(conv4d.spatial_stack(decoder, params['decoder'], corr), corr)
 
   pairs = jax.sharding.PartitionSpec(sharding.DATA_AXES)
-  rows = jax.sharding.PartitionSpec(sharding.DATA_AXES, 'spatial')
-  return jax.shard_map(local, in_specs=(jax.sharding.PartitionSpec(), rows, pairs), out_specs=rows)(
+  by_rows = jax.sharding.PartitionSpec(sharding.DATA_AXES, 'spatial')
+  return jax.shard_map(local, in_specs=(jax.sharding.PartitionSpec(), by_rows, pairs), out_specs=by_rows)(
       params, first, second)
 
 
