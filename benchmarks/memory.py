@@ -63,16 +63,8 @@ def plan_configs(args, data_dir) -> list[dict]:
   print('| config | settings | px | grid | dtype | temp GiB | args GiB | total GiB |\n' + '|---' * 8 + '|')
   rows = []
   for spec in args.config.split(','):
-    config = train_step.load_config(spec)
-    with config.unlocked():
-      config.dataset.name, config.dataset.data_dir = 'synthetic_misc/tiny', data_dir
-      config.batch_size = args.batch
-      config.input.data_shards = 1
-      config.input.max_instances = 3  # the tiny split's most
-      config.total_steps = config.total_steps or 1000
-      for item in args.set:
-        key, _, value = item.partition('=')
-        config.update_from_flattened_dict({key: train_step.literal(value)})
+    config = train_step.plan_config(spec, data_dir, args.set)
+    config.batch_size = args.batch
     plan = step_memory(config, config.model.get('decoder_chunk_rows', 0))
     size = config.input.image_size
     rows.append(dict(config=spec, settings=args.set, image=size, **plan))

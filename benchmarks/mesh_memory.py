@@ -77,15 +77,7 @@ def main():
         'compile s |\n' + '|---' * 8 + '|')
   rows = []
   for spec in args.config.split(','):
-    config = train_step.load_config(spec)
-    with config.unlocked():
-      config.dataset.name, config.dataset.data_dir = 'synthetic_misc/tiny', data_dir
-      config.input.data_shards = 1
-      config.input.max_instances = 3  # the tiny split's most
-      config.total_steps = config.total_steps or 1000
-      for item in args.set:
-        key, _, value = item.partition('=')
-        config.update_from_flattened_dict({key: train_step.literal(value)})
+    config = train_step.plan_config(spec, data_dir, args.set)
     for shape in args.meshes.split(':'):
       shape = tuple(int(n) for n in shape.split(','))
       row = dict(config=spec, overrides=args.set, image=config.input.image_size, mesh=shape,

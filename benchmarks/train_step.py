@@ -244,6 +244,21 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def plan_config(spec: str, data_dir: str, overrides=()):
+  """A config to compile, not to train: `spec` (load_config) reading the tiny synthetic split from
+  data_dir at the config's own input sizes, with FIELD=VALUE `overrides`."""
+  config = load_config(spec)
+  with config.unlocked():
+    config.dataset.name, config.dataset.data_dir = 'synthetic_misc/tiny', data_dir
+    config.input.data_shards = 1
+    config.input.max_instances = 3  # the tiny split's most
+    config.total_steps = config.total_steps or 1000
+    for item in overrides:
+      key, _, value = item.partition('=')
+      config.update_from_flattened_dict({key: literal(value)})
+  return config
+
+
 def literal(value: str):
   try:
     return ast.literal_eval(value)
