@@ -67,7 +67,9 @@ def _named_damage(batches: Iterator[dict], config, split: str) -> Iterator[dict]
   DamagedDataError naming the damaged files and the command that rebuilds them."""
   try:
     yield from batches
-  except tf.errors.DataLossError as e:
+  except Exception as e:  # pylint: disable=broad-except  (not GeneratorExit: at exit `tf` may be gone)
+    if not isinstance(e, tf.errors.DataLossError):
+      raise
     builder = build.get_builder(config.dataset.name, config.dataset.data_dir)
     bad = damaged_files(builder, split)
     raise DamagedDataError(
