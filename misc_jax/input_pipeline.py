@@ -257,7 +257,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
     raise ValueError(f'config.input.data_shards={num_shards} must be a multiple of the {procs} '
                      f'processes and divide config.batch_size={config.batch_size}')
   per_process, per_shard = num_shards // procs, config.batch_size // num_shards
-  _per_process_batch(config)  # checks the device split
+  _per_process_batch(config)  # checks the split over processes
   splits = tfds.even_splits(config.dataset.train_split, n=num_shards, drop_remainder=True)
   mine = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
   streams = [_train_shard(config, splits[s], s, num_shards, per_shard, start_step) for s in mine]

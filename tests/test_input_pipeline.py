@@ -122,9 +122,11 @@ def test_evaluation_visits_every_pair_once_with_padding(smoke_config):
   np.testing.assert_array_equal(batches[0]['source']['image'], again[0]['source']['image'])
 
 
-def test_batch_size_must_split_over_devices(smoke_config):
-  smoke_config.batch_size = 12
-  with pytest.raises(ValueError, match='batch_size=12 is not divisible'):
+def test_batch_size_must_split_over_the_data_shards(smoke_config):
+  """The pipeline checks its own split (shards); the devices' split is train.check_config's (test_optim)."""
+  smoke_config.batch_size, smoke_config.input.data_shards = 12, 5
+  with pytest.raises(ValueError, match='data_shards=5 must be a multiple of the 1 processes and divide '
+                                       'config.batch_size=12'):
     next(input_pipeline.train_iterator(smoke_config))
 
 
