@@ -172,12 +172,9 @@ def check_resumable(config: ml_collections.ConfigDict, run_dir) -> None:
 
 
 def resumed_step(run_dir) -> int | None:
-  """The newest checkpoint step of a run (None for a new run)."""
-  directory = rundir.absolute(run_dir) / 'checkpoints'
-  if not directory.exists():
-    return None
-  with rundir.manager(directory) as mgr:
-    return mgr.latest_step()
+  """The newest finalized checkpoint step of a run (None for a new run). Read from the directory, not
+  through a CheckpointManager, whose creation is a sync point of all processes: any process may ask."""
+  return rundir.newest_step(rundir.absolute(run_dir) / 'checkpoints')
 
 
 def config_changes(config: ml_collections.ConfigDict, run_dir, allow: bool) -> dict:

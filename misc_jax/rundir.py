@@ -192,6 +192,13 @@ def manager(directory, best_metric: str | None = None, **options) -> ocp.Checkpo
                                options=ocp.CheckpointManagerOptions(**options))
 
 
+def newest_step(directory) -> int | None:
+  """The newest finalized step in a checkpoint directory, or None: read from the directory alone,
+  without creating a CheckpointManager (a sync point of every process)."""
+  directory = absolute(directory)
+  return max(ocp.utils.checkpoint_steps(directory), default=None) if directory.exists() else None
+
+
 def keep(latest: int, best_metric: str) -> ocp.checkpoint_managers.PreservationPolicy:
   """Keeps the newest `latest` steps and the step with the best `best_metric`."""
   policies = ocp.checkpoint_managers
