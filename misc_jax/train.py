@@ -69,6 +69,9 @@ def check_config(config) -> None:
                                  'SPLITS_VOLUME', False):
     raise ValueError(f'config.mesh.spatial={spatial}: model {config.model.name!r} does not split its '
                      'correlation volume over chips (kbcnet does); set config.mesh.spatial=1')
+  if jax.local_device_count() % spatial:  # each process feeds its own pairs: a pair's chips share one
+    raise ValueError(f'config.mesh.spatial={spatial} must divide the {jax.local_device_count()} devices of '
+                     'a process: the chips that split a pair must belong to the process that reads it')
   if config.kbc.eval and config.eval.evaluator != 'pck':
     raise ValueError(f'config.kbc.eval=True: the {config.eval.evaluator!r} evaluator has no KBC pass (only '
                      "'pck' does); set config.kbc.eval=False")
