@@ -57,16 +57,16 @@ def resolve_schedule(config, builder) -> ml_collections.ConfigDict:
 
 def check_config(config) -> None:
   """Fails fast, before a dataset is built or a file written, on a config that cannot run here: a mesh
-  that does not fit the devices, a global batch they do not divide, weight files that are missing or not
-  what the config says (state.check_weights), KBC's second pass asked of an evaluator that has none."""
+  that does not fit the devices, a global batch they do not divide, a `spatial` axis the model or the
+  processes cannot use, weight files that are missing or not what the config says (state.check_weights),
+  KBC's second pass asked of an evaluator that has none."""
   devices, batch = sharding.data_parallel_size(sharding.make_mesh(config)), config.batch_size
   if batch % devices:
     raise ValueError(f'config.batch_size={batch} (the global batch) does not divide over the {devices} '
                      f'data-parallel devices (config.mesh batch x fsdp): set it to a multiple of {devices}, '
                      f'e.g. {devices * max(1, batch // devices)}')
   spatial = sharding.mesh_config(config).spatial
-  if spatial > 1 and not getattr(importlib.import_module(f'misc_jax.models.{config.model.name}'),
-                                 'SPLITS_VOLUME', False):
+  if spatial > 1 and not getattr(state_lib.create_model(config)[0], 'SPLITS_VOLUME', False):
     raise ValueError(f'config.mesh.spatial={spatial}: model {config.model.name!r} does not split its '
                      'correlation volume over chips (kbcnet does); set config.mesh.spatial=1')
   if jax.local_device_count() % spatial:  # each process feeds its own pairs: a pair's chips share one

@@ -91,6 +91,11 @@ def test_a_config_that_cannot_run_here_fails_at_start_naming_why():
   config.mesh.spatial = 4  # 2 data-parallel devices, each pair's volume over 4 chips
   train.check_config(config)
   config.mesh.spatial = 1
+  from configs import misc210k_dualpath  # pylint: disable=g-import-not-at-top
+  dual = misc210k_dualpath.get_config()
+  dual.mesh.spatial = 2
+  with pytest.raises(ValueError, match="config.mesh.spatial=2: model 'dual_path' does not split"):
+    train.check_config(dual)
   config.batch_size = 16
   config.eval.evaluator = 'misc'  # kbcnet_spair evaluates with KBC's second pass, which only 'pck' has
   with pytest.raises(ValueError, match="config.kbc.eval=True: the 'misc' evaluator has no KBC pass"):
