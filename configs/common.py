@@ -143,4 +143,7 @@ def use_dinov2(config: ml_collections.ConfigDict, name: str, blocks) -> ml_colle
   m.dinov2_blocks = tuple(blocks)
   m.feature_stride = 14
   m.freeze_backbone = True
+  # True: the ViT blocks are one nn.scan layer (one block compiled instead of `depth`; params stacked, so a
+  # checkpoint keeps the layout it was saved in, while converted weights load into either).
+  m.scan_blocks = False
   return config

@@ -152,12 +152,16 @@ def initial_state(config, model, mesh: jax.sharding.Mesh | None = None) -> optim
   m = config.model
   if m.backbone_init or m.get('trunk_init'):
     variables = {'params': dict(state.params), 'batch_stats': dict(state.batch_stats)}
+    layout = kbcnet.backbone_module(m).weights_layout  # e.g. DINOv2's blocks, stacked or not (scan)
     if m.backbone_init:
-      backbone = load_backbone(m.backbone_init)
+      backbone = layout(load_backbone(m.backbone_init), m)
       variables = merge(variables, {col: {'backbone': tree} for col, tree in backbone.items()},
                         m.backbone_init, ('backbone',))
     if m.get('trunk_init'):
-      variables = merge(variables, load_trunk(m.trunk_init), m.trunk_init, m.get('trunk_modules', TRUNK))
+      trunk = load_trunk(m.trunk_init)
+      if 'backbone' in trunk.get('params', {}):
+        trunk['params']['backbone'] = layout({'params': trunk['params']['backbone']}, m)['params']
+      variables = merge(variables, trunk, m.trunk_init, m.get('trunk_modules', TRUNK))
     state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
   if m.init_from:
     try:

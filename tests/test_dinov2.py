@@ -7,6 +7,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -134,6 +135,37 @@ def test_remat_recomputes_the_blocks_and_keeps_the_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), plain, remat)
 
 
+def test_scanned_blocks_compute_what_the_unrolled_blocks_do(tmp_path):
+  """config.model.scan_blocks: one nn.scan over stacked block params (with and without remat) gives the
+  unrolled model's features and gradients; converted weights load into either layout and round-trip."""
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 3)), jnp.float32)
+  vit = dict(dim=32, depth=3, heads=2, out_blocks=(0, 2))
+  unrolled = dinov2.DinoV2(**vit).init(jax.random.key(0), images)
+  scan_config = ml_collections.ConfigDict({'scan_blocks': True})
+  stacked = dinov2.weights_layout(unrolled, scan_config)
+  assert 'blocks_0' not in stacked['params'] and stacked['params']['blocks']['attn']['qkv']['kernel'].shape == (
+      3, 32, 96)
+  back = dinov2.weights_layout(stacked, ml_collections.ConfigDict({'scan_blocks': False}))
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, unrolled))
+  assert jax.tree.structure(jax.eval_shape(dinov2.DinoV2(**vit, scan=True).init, jax.random.key(0), images)
+                            ) == jax.tree.structure(stacked)
+
+  def features_and_grads(model, params):
+    loss = lambda p: sum(jnp.mean(jnp.sin(y)) for y in model.apply({'params': p}, images, method='features'))
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    return model.apply({'params': params}, images, method='features'), jax.grad(loss)(params), jaxpr
+
+  plain, plain_grads, _ = features_and_grads(dinov2.DinoV2(**vit), unrolled['params'])
+  for remat in (False, True):
+    out, grads, jaxpr = features_and_grads(dinov2.DinoV2(**vit, scan=True, remat=remat), stacked['params'])
+    assert jaxpr.count(' scan[') == 1  # the three blocks are one scanned block
+    assert bool(re.search(r'= (?:remat2|checkpoint)\[', jaxpr)) == remat
+    for a, b in zip(plain, out):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    grads = dinov2.weights_layout({'params': grads}, ml_collections.ConfigDict())['params']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), plain_grads, grads)
+
+
 @pytest.fixture(scope='module')
 def smoke(tiny_data_dir):
   from configs import kbcnet_dinov2_spair  # pylint: disable=g-import-not-at-top
@@ -178,3 +210,20 @@ def test_kbcnet_on_dinov2_trains_and_resumes(smoke, tmp_path):
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after))
   assert max(moved) > 0  # the third step trained from the second's parameters
   np.testing.assert_array_equal(before['backbone']['pos_embed'], after['backbone']['pos_embed'])  # frozen
+
+
+def test_a_converted_backbone_loads_into_scanned_blocks(smoke, tmp_path):
+  """Converted weights are written per block; a scan_blocks model receives them stacked."""
+  import flax  # pylint: disable=g-import-not-at-top
+  config = smoke.copy_and_resolve_references()
+  _, model = state_lib.create_model(config)
+  fresh = state_lib.initial_state(config, model)
+  backbone = jax.tree.map(lambda x: np.asarray(x) + 1, fresh.params['backbone'])  # not the fresh values
+  path = tmp_path / 'vits14.msgpack'
+  path.write_bytes(flax.serialization.msgpack_serialize({'params': backbone}))
+  config.model.scan_blocks, config.model.backbone_init = True, str(path)
+  _, model = state_lib.create_model(config)
+  loaded = state_lib.initial_state(config, model).params['backbone']
+  np.testing.assert_array_equal(loaded['blocks']['mlp']['fc1']['kernel'][7],
+                                backbone['blocks_7']['mlp']['fc1']['kernel'])
+  np.testing.assert_array_equal(loaded['pos_embed'], backbone['pos_embed'])

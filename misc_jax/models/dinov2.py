@@ -13,7 +13,10 @@ not at the grid's own ratio; the models with registers pass the size, with antia
 antialiased cubic: Keys' a = -0.5, support widened by the downscale). At 518 px nothing is resized.
 
 Param names follow the official state_dict (`blocks.3.attn.qkv` is `blocks_3/attn/qkv`), so
-`official_to_flax` (misc_jax/tools/convert_dinov2.py) is a renaming and transposition.
+`official_to_flax` (misc_jax/tools/convert_dinov2.py) is a renaming and transposition. With `scan` the
+blocks are one `nn.scan` layer whose parameters are stacked along a leading axis (`blocks/attn/qkv`,
+[depth, ...]): one block is compiled instead of `depth`; `weights_layout` moves converted weights (always
+written per block) between the two layouts.
 
 As the correspondence models' backbone (the interface of models/resnet.py): `features(images)` gives the
 patch tokens of `out_blocks`, each normalised by the final LayerNorm (as `get_intermediate_layers(norm=
@@ -174,6 +177,14 @@ class Block(nn.Module):
     return x + LayerScale(name='ls2')(ffn(norm('norm2')(x)))
 
 
+class _ScanStep(Block):
+  """A Block as the body of nn.scan: (x, None) -> (x', x'), every block's output stacked."""
+
+  def __call__(self, x, _):  # pylint: disable=arguments-differ
+    x = Block.__call__(self, x)
+    return x, x
+
+
 class DinoV2(nn.Module):
   """images [B, H, W, 3] (normalised; H, W multiples of 14) -> {'prenorm' [B, T, D] (tokens: cls, registers,
   patches), 'norm' (the same after the final LayerNorm), 'blocks' {i: block i's raw output}} for the
@@ -188,6 +199,7 @@ class DinoV2(nn.Module):
   out_blocks: tuple[int, ...] = ()
   frozen: bool = False
   remat: bool = False  # recompute each block in the backward pass instead of keeping its activations
+  scan: bool = False  # the blocks as one scanned layer (stacked params, one block compiled)
   dtype: jnp.dtype | None = None
 
   @nn.compact
@@ -207,11 +219,17 @@ class DinoV2(nn.Module):
       reg = self.param('register_tokens', nn.initializers.normal(1e-6), (1, self.registers, self.dim))
       x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (b, self.registers, self.dim)).astype(x.dtype),
                            x[:, 1:]], 1)
-    blocks, block = {}, nn.remat(Block) if self.remat else Block
-    for i in range(self.depth):
-      x = block(self.heads, self.ffn, self.dtype, name=f'blocks_{i}')(x)
-      if i in self.out_blocks:
-        blocks[i] = x
+    if self.scan:  # every block's output is kept ([depth, B, T, D]); out_blocks are read from it
+      step = nn.remat(_ScanStep, prevent_cse=False) if self.remat else _ScanStep
+      scanned = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True}, length=self.depth)
+      x, outputs = scanned(self.heads, self.ffn, self.dtype, name='blocks')(x, None)
+      blocks = {i: outputs[i] for i in self.out_blocks}
+    else:
+      blocks, block = {}, nn.remat(Block) if self.remat else Block
+      for i in range(self.depth):
+        x = block(self.heads, self.ffn, self.dtype, name=f'blocks_{i}')(x)
+        if i in self.out_blocks:
+          blocks[i] = x
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')
     out = {'prenorm': x, 'norm': norm(x), 'blocks': {i: norm(y) for i, y in blocks.items()},
            'raw_blocks': blocks}
@@ -235,7 +253,7 @@ def from_config(model_config) -> DinoV2:
   model.freeze_backbone fixes it."""
   c = model_config
   return DinoV2(**architecture(c.dinov2), out_blocks=tuple(c.dinov2_blocks), frozen=c.freeze_backbone,
-                remat=c.get('remat', False), dtype=jnp.dtype(c.dtype))
+                remat=c.get('remat', False), scan=c.get('scan_blocks', False), dtype=jnp.dtype(c.dtype))
 
 
 def feature_grid(model_config) -> grid.Grid:
@@ -254,6 +272,21 @@ def needs_weights(model_config) -> bool:
 def is_frozen(path, model_config) -> bool:
   del path  # all or nothing
   return bool(model_config.freeze_backbone)
+
+
+def weights_layout(collections: Mapping, model_config) -> dict:
+  """Backbone variables {'params': ...} in either layout (blocks_0 ... blocks_{n-1}, or one stacked
+  'blocks') -> the layout of config.model.scan_blocks."""
+  params = dict(collections['params'])
+  per_block = sorted((k for k in params if k.startswith('blocks_')), key=lambda k: int(k.split('_')[1]))
+  if model_config.get('scan_blocks', False) and per_block:
+    params['blocks'] = jax.tree.map(lambda *xs: np.stack(xs), *[params.pop(k) for k in per_block])
+  elif not model_config.get('scan_blocks', False) and 'blocks' in params:
+    stacked = params.pop('blocks')
+    depth = len(jax.tree.leaves(stacked)[0])
+    params.update({f'blocks_{i}': jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+                   for i in range(depth)})
+  return {**collections, 'params': params}
 
 
 def official_to_flax(state_dict: Mapping[str, np.ndarray], name: str) -> dict:

@@ -58,8 +58,8 @@ def decode_variant(name: str) -> dict:
 
 def backbone_module(model_config):
   """The module of config.model.backbone ('resnet' or 'dinov2'): each builds its Flax backbone
-  (`from_config`), says where the score volume's cells sit (`feature_grid`) and which of its parameters
-  are frozen (`is_frozen`)."""
+  (`from_config`), says where the score volume's cells sit (`feature_grid`), which of its parameters
+  are frozen (`is_frozen`) and puts converted weights in the model's layout (`weights_layout`)."""
   return importlib.import_module(f'misc_jax.models.{model_config.get("backbone", "resnet")}')
 
 

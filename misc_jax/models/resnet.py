@@ -211,6 +211,11 @@ def needs_weights(model_config) -> bool:
   return model_config.backbone_norm == 'batch'
 
 
+def weights_layout(collections, model_config):
+  del model_config
+  return collections  # one layout
+
+
 def is_frozen(path, model_config) -> bool:
   """Whether a backbone parameter (its path below 'backbone', a tuple of names) is frozen."""
   stage = int(path[0][5]) if path[0].startswith('layer') else 0  # layerN_J: stage N; conv1, bn1: 0
