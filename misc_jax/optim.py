@@ -39,6 +39,15 @@ def param_labels(params, model_config):
   return flax.traverse_util.unflatten_dict({k: label(k) for k in flat})
 
 
+def decay_mask(params):
+  """True where AdamW's weight decay applies: the `kernel`s of convolutions and dense layers, except in the
+  `*_head` modules (the score heads set the logits' scale against a fixed temperature, which decay would
+  flatten). Biases, norms, tokens and embeddings are not decayed."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {k: k[-1] == 'kernel' and not k[0].endswith('_head') for k in flat})
+
+
 def resolve_schedule(config: ml_collections.ConfigDict, num_examples: int) -> ml_collections.ConfigDict:
   """A copy of config whose config.total_steps (when unset: config.num_epochs over `num_examples` training
   pairs at the global batch) and optim.warmup_steps (from optim.warmup_epochs when that is set) are step
@@ -68,8 +77,9 @@ def lr_scale(config: ml_collections.ConfigDict) -> float:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
-  """config.optim: lr, backbone_lr (both scaled by `lr_scale`), weight_decay, warmup_steps, grad_clip;
-  config.total_steps; frozen parameters (config.model: param_labels) get no update."""
+  """config.optim: lr, backbone_lr (both scaled by `lr_scale`), weight_decay (on `decay_mask`'s
+  parameters), warmup_steps, grad_clip; config.total_steps; frozen parameters (config.model: param_labels)
+  get no update."""
   o = config.optim
   scale = lr_scale(config)
 
@@ -78,7 +88,7 @@ def create_optimizer(config: ml_collections.ConfigDict, params) -> optax.Gradien
     decay_steps = max(config.total_steps, o.warmup_steps + 1)  # total_steps=0: evaluation only
     schedule = optax.warmup_cosine_decay_schedule(0., lr, o.warmup_steps, decay_steps,
                                                   end_value=lr * o.final_lr_fraction)
-    return optax.adamw(schedule, weight_decay=o.weight_decay)
+    return optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask)
 
   labels = param_labels(params, config.model)
   return optax.chain(
