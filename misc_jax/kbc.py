@@ -8,7 +8,12 @@ A crop is the affine map  crop = image * scale - offset  (per pair: scale [B], o
 on continuous pixel coordinates where the image spans [0, W] x [0, H] (pixel i covers [i, i + 1), the
 convention of `jax.image.scale_and_translate` and of our keypoints). Its inverse is exact:
 image = (crop + offset) / scale. Scale is never below 1, and the window is clamped inside the enlarged
-image, so a crop never shows anything outside the image. Everything here is jit-compatible with static
+image, so a crop never shows anything outside the image.
+
+Each image's crop is decided by its own box: when only the source's box is small (or only the target's),
+that image is enlarged and the other is left whole. The small object then moves toward the other's size,
+where cropping both would enlarge the large one too and keep them further apart
+(tests/test_kbc.py::test_only_the_small_side_is_enlarged_which_brings_the_scales_together). Everything here is jit-compatible with static
 output shapes.
 """
 

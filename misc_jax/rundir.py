@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 
 from absl import logging
@@ -32,6 +33,7 @@ from misc_jax import sharding
 from misc_jax.cli import expand
 
 HISTORY = 'config_history.jsonl'  # a run's later configs, a line per resume that changed one
+COMMIT = 'commit.txt'  # the code's git commit when the run began
 
 # Config fields that hold paths: `~` and environment variables in them are expanded.
 PATH_FIELDS = ('dataset.data_dir', 'model.backbone_init', 'model.trunk_init', 'model.init_from')
@@ -91,12 +93,28 @@ def write_config(config: ml_collections.ConfigDict, workdir, newest_checkpoint: 
   path.mkdir(parents=True, exist_ok=True)
   if not (path / 'config.json').exists():
     (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    (path / COMMIT).write_text(code_commit() + '\n')
   elif changes:
     entry = {'newest_checkpoint_step': newest_checkpoint, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
              'changes': {field: list(values) for field, values in changes.items()},
              'config': json.loads(config.to_json_best_effort())}
     with (path / HISTORY).open('a') as f:
       f.write(json.dumps(entry) + '\n')
+
+
+def code_commit() -> str:
+  """The git commit of the code that runs, or 'unknown' outside a checkout."""
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def run_commit(workdir) -> str:
+  """The commit a run began with (its commit.txt), or 'unknown' for runs older than that file."""
+  path = absolute(workdir) / COMMIT
+  return path.read_text().strip() if path.exists() else 'unknown'
 
 
 def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, tuple]:

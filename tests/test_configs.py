@@ -60,6 +60,25 @@ def test_the_shipped_weights_fit_the_synthetic_models_and_name_their_training():
     state_lib.merge(variables, trunk, name, config.model.trunk_modules)  # what loading does; raises on misfits
 
 
+def test_the_shipped_kbcnet_records_its_chain_of_four_runs():
+  """The demo's model: three :pretrain_kbc runs, each from the one before, the first from the :pretrain
+  trunk, which trained from scratch on synthetic_misc/large."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  record = json.loads(state_lib.load_trunk(synthetic.PRETRAINED_KBCNET)['provenance'])
+  stages = []
+  while record:
+    stages.append(record)
+    assert len(record.get('started_from', [])) <= 1
+    record = (record.get('started_from') or [None])[0]
+  assert len(stages) == 4
+  configs = [json.loads(s['config']) for s in stages]
+  assert [c['seed'] for c in configs[:3]] == [2, 1, 0]
+  assert [c['model']['init_from'] for c in configs[:2]] == ['runs/pretrain_kbc2', 'runs/pretrain_kbc']
+  assert configs[2]['model']['trunk_init'] and not configs[3]['model']['init_from']
+  assert all(c['dataset']['name'] == 'synthetic_misc/large' for c in configs)
+  assert [s['step'] for s in stages] == [6000, 6000, 6000, 8000] and all(s['wall_time_s'] > 0 for s in stages)
+
+
 def test_a_config_file_loads_from_any_directory(tmp_path):
   """`--config /path/to/configs/x.py` from another directory: the configs it imports are a package of the
   installed project, not files beside the working directory."""
@@ -72,3 +91,11 @@ def test_a_config_file_loads_from_any_directory(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == _load('kbcnet_pfwillow').model.variant
+
+
+@pytest.mark.parametrize('name', ['kbcnet_spair', 'kbcnet_pfpascal', 'kbcnet_dinov2_spair'])
+def test_the_benchmark_recipes_train_through_kbc_crops(name):
+  """Our choice on the benchmarks (docs/reproduction.md's KBC row): half the training pairs cropped, and
+  the test-time target crop framed by the coarse predictions that agree."""
+  config = _load(name)
+  assert config.kbc.eval and config.kbc.train_prob == 0.5 and config.kbc.coarse_radius == 0.5

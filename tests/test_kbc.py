@@ -165,6 +165,32 @@ def test_a_stray_coarse_prediction_does_not_move_the_target_crop():
   assert errors[0.] > 2.  # the crop stretched to the stray: the maps no longer cancel
 
 
+def test_only_the_small_side_is_enlarged_which_brings_the_scales_together():
+  """Each image's crop is decided on its own box. A small source (side 8 of 64) and a large target (side
+  34: not small) -> the source is enlarged, the target is left whole, and the objects' sizes become closer
+  than if both were cropped (the rule kbc.py's docstring defines)."""
+  config, apply, transfer = _identity_model()
+  src = np.array([[[20., 20.], [28., 24.]]], np.float32)
+  trg = np.array([[[12., 12.], [46., 30.]]], np.float32)
+  valid = np.ones((1, 2), bool)
+  ramp = jnp.broadcast_to(jnp.arange(SIZE, dtype=jnp.float32)[None, None, :, None], (1, SIZE, SIZE, 3))
+  scales = []
+
+  def recording(source, target):
+    scales.extend(SIZE / (float(x[0, SIZE // 2, -1, 0] - x[0, SIZE // 2, 0, 0]) + 1)
+                  for x in (source, target))
+    return apply(source, target)
+
+  kbc.predict(recording, transfer, ramp, ramp, src, valid, trg, config)
+  src_scale, trg_scale = scales
+  assert src_scale > 2 and abs(trg_scale - 1) < 0.05
+  if_both = float(kbc.crop_for_box(kbc.keypoint_box(trg, valid), valid.any(-1), SIZE, **dict(
+      PARAMS, small_threshold=1.01)).scale[0])  # what cropping the target too would enlarge it by
+  assert if_both > 1.2
+  sizes = lambda s, t: max(8 * s, 34 * t) / min(8 * s, 34 * t)
+  assert sizes(src_scale, 1.) < sizes(src_scale, if_both)
+
+
 def test_train_time_crops_move_the_pairs_they_pick(smoke_config):
   batch = next(input_pipeline.train_iterator(smoke_config))
   batch['source']['instance_valid'][:, 1:] = False  # one annotated instance: the one picked

@@ -234,12 +234,15 @@ def test_predict_checks_its_inputs_before_loading_the_model(run_dir, images, tmp
 
 def test_kbc_sweep_tabulates_every_setting_with_kbc_off_first(run_dir, tiny_data_dir):
   from misc_jax.tools import sweep_kbc  # pylint: disable=g-import-not-at-top
-  rows = sweep_kbc.sweep(str(run_dir), 'validation', {'max_scale': [1.5, 3.0]}, data_dir=tiny_data_dir)
-  assert [r['kbc'] for r in rows] == [False, {'max_scale': 1.5}, {'max_scale': 3.0}]
+  rows = sweep_kbc.sweep(str(run_dir), 'validation', {'coarse_radius': [0.5], 'passes': [1, 2]},
+                         data_dir=tiny_data_dir)
+  assert [r['kbc'] for r in rows] == [False, {'coarse_radius': 0.5, 'passes': 1},
+                                      {'coarse_radius': 0.5, 'passes': 2}]
   assert all(r['num_pairs'] == 3 and 0 <= r['pck@0.1'] <= 1 for r in rows)
   table = sweep_kbc.table(rows).splitlines()
-  assert table[0].startswith('| max_scale | fill | margin | small_threshold | pck@0.05')
+  assert table[0].startswith('| max_scale | coarse_radius | passes | fill | margin | small_threshold | pck@0.05')
   assert table[2].startswith('| KBC off |') and len(table) == 5
+  assert {line.split(' | ')[2] for line in table[3:]} == {'1', '2'}  # the passes column
 
 
 def _console_script(name, *args, env=None, cwd=None):

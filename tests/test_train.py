@@ -317,6 +317,25 @@ def test_init_from_takes_the_checkpoint_the_config_names(reference, smoke_config
     state_lib.initial_state(config, state_lib.create_model(config)[1])
 
 
+def test_an_export_records_the_chain_of_runs_it_started_from(reference, tmp_path):
+  """A run started from an exported file and from another run (configs/synthetic.py's chain) exports a
+  provenance holding both records, its own config as it began (init_from kept) and its commit."""
+  from misc_jax.tools import export_trunk  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'trunk.msgpack'
+  export_trunk.export(str(reference[0]), str(path))
+  config = rundir.read_config(reference[0])
+  config.model.trunk_init, config.model.init_from = str(path), str(reference[0])
+  child = tmp_path / 'child'
+  rundir.write_config(config, child)
+  record = export_trunk.run_record(child, step=0)
+  assert record['commit'] == rundir.code_commit() != ''
+  assert json.loads(record['config'])['model']['init_from'] == str(reference[0])
+  from_file, from_run = record['started_from']
+  assert from_file == json.loads(state_lib.load_trunk(str(path))['provenance'])
+  assert from_run['workdir'] == str(reference[0]) and from_run['step'] == STEPS
+  assert from_run['checkpoint'] == config.model.init_from_checkpoint and from_run['started_from'] == []
+
+
 def test_an_exported_run_starts_the_modules_a_model_takes_and_leaves_the_rest_fresh(reference, smoke_config,
                                                                                   tmp_path):
   """By default a model takes the trunk of an exported run; config.model.trunk_modules names more."""

@@ -2,14 +2,15 @@ r"""Exports a run's parameters, with their provenance, for `config.model.trunk_i
 
   python -m misc_jax.tools.export_trunk --workdir runs/pretrain --out misc_jax/assets/trunk.msgpack
 
-The file is a msgpack of {'params': {module: tree}, 'batch_stats', 'provenance'}: the run's config
-(JSON), the code's git commit when there is one, the step, and the training's wall time. A model takes
-the modules its config.model.trunk_modules names (by default the trunk: backbone and CSFA), which must
-have the same shapes; the rest of it starts fresh.
+The file is a msgpack of {'params': {module: tree}, 'batch_stats', 'provenance'}: the run's config as it
+began (JSON), the git commit it began with, the step, the training's wall time, and `started_from`: the
+same record for every stage the run started from (its `model.trunk_init` file's provenance, its
+`model.init_from` run's, and so on back to a run from scratch), so a chain of runs lives in the file. A
+model takes the modules its config.model.trunk_modules names (by default the trunk: backbone and CSFA),
+which must have the same shapes; the rest of it starts fresh.
 """
 
 import json
-import subprocess
 
 from absl import app
 from absl import flags
@@ -24,24 +25,43 @@ from misc_jax import state as state_lib
 from misc_jax import visualize
 
 
+def run_record(workdir, step: int | None = None) -> dict:
+  """A run's provenance: its config as it began, the commit it began with, the step (default: its newest
+  checkpoint), its wall time up to then, and the records of the stages it started from."""
+  config = rundir.read_config(workdir)
+  step = rundir.newest_step(rundir.absolute(workdir) / 'checkpoints') if step is None else step
+  uptime = visualize.read_scalars(str(rundir.absolute(workdir))).get('uptime', [])
+  wall = [t for s, t in uptime if s <= step]
+  return {'config': config.to_json_best_effort(), 'commit': rundir.run_commit(workdir), 'step': int(step),
+          'wall_time_s': float(wall[-1]) if wall else float('nan'), 'workdir': str(workdir),
+          'started_from': started_from(config)}
+
+
+def started_from(config) -> list[dict]:
+  """The provenance of what a run's config starts from: a trunk_init file's own, an init_from run's."""
+  m = config.model
+  origins = []
+  if m.get('trunk_init'):
+    origins.append(json.loads(state_lib.load_trunk(m.trunk_init).get('provenance', '{}')))
+  if m.get('init_from'):
+    checkpoint = m.get('init_from_checkpoint', 'latest')
+    record = run_record(m.init_from, checkpoint if isinstance(checkpoint, int) else None)
+    origins.append(dict(record, checkpoint=checkpoint))  # 'best': the step field is the newest, not it
+  return origins
+
+
 def export(workdir: str, out: str, checkpoint: str = 'latest') -> dict:
-  config, _, state, step = state_lib.load_run(workdir, checkpoint)
+  _, _, state, step = state_lib.load_run(workdir, checkpoint)
   params = jax.device_get(state.params)
   stats = jax.device_get(state.batch_stats)
-  uptime = visualize.read_scalars(str(rundir.absolute(workdir))).get('uptime', [(step, float('nan'))])
-  try:
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
-                            cwd=epath.Path(__file__).parent).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = 'unknown'
-  provenance = {'config': config.to_json_best_effort(), 'commit': commit, 'step': int(step),
-                'wall_time_s': float(uptime[-1][1]), 'workdir': str(workdir)}
+  provenance = run_record(workdir, step)
   trunk = {'params': params, 'batch_stats': stats, 'provenance': json.dumps(provenance)}
   path = epath.Path(out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(flax.serialization.msgpack_serialize(trunk))
-  logging.info('Wrote %s: the parameters of %s at step %d (%.0f s of training, commit %s).', path, workdir,
-               step, provenance['wall_time_s'], commit)
+  logging.info('Wrote %s: the parameters of %s at step %d (%.0f s of training, commit %s; %d earlier '
+               'stages recorded).', path, workdir, step, provenance['wall_time_s'], provenance['commit'],
+               len(provenance['started_from']))
   return trunk
 
 
