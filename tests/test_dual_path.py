@@ -173,32 +173,39 @@ def test_misc_evaluator_on_a_two_instance_pair():
   assert metrics['pck@0.1'] == pytest.approx((0.5 + 1) / 2)
   assert metrics['pck@0.15'] == pytest.approx((0.5 + 1) / 2)
   assert metrics['by_instances']['2']['num_instance_pairs'] == 2 and '1' not in metrics['by_instances']
-  # Masks: source IoU 1; target a 0.5, b 1 -> mIoU over 3 truths.
-  assert metrics['miou'] == pytest.approx((1 + 0.5 + 1) / 3)
+  # Masks: source IoU 1; target a 0.5, b 1 -> the instance-matched IoU over 3 truths. Co-segmentation
+  # Jaccard: the source's kept mask is its truth (1); the target's kept masks cover b and half of a, 24 of
+  # the 32 true pixels and nothing else (0.75).
+  assert metrics['matched_iou'] == pytest.approx((1 + 0.5 + 1) / 3)
+  assert metrics['coseg_jaccard'] == pytest.approx((1 + 0.75) / 2)
   # AP@0.5 over 3 truths ranks every non-empty query: 0.9 (TP), 0.9 (TP), 0.8 (TP at IoU 0.5), then the
   # source's stray blob (0.3) and target query 2 (0.2, on a, already claimed): precision 1 up to recall 1.
-  assert metrics['ap50'] == pytest.approx(1.0)
+  assert metrics['ap50_all_point'] == metrics['ap50_coco'] == pytest.approx(1.0)
   # A threshold above 0.8 drops target query 1 from mIoU and PCK, not from AP (COCO ranks every detection).
   config.eval.objectness_threshold = 0.85
   strict = misc.summarize(misc.pair_records(batch, out, config), config)
-  assert strict['miou'] == pytest.approx((1 + 0 + 1) / 3)
+  assert strict['matched_iou'] == pytest.approx((1 + 0 + 1) / 3)
+  assert strict['coseg_jaccard'] == pytest.approx((1 + 0.5) / 2)
   assert strict['pck@0.1'] == pytest.approx((0 + 1) / 2)
-  assert strict['ap50'] == pytest.approx(1.0)
+  assert strict['ap50_all_point'] == pytest.approx(1.0)
   # AP ranks by the detection scores, not by objectness: the source's stray blob first puts one false
   # positive before the three true ones (precision 3/4 at every recall); mIoU and PCK do not move.
   out['detection_scores'][0, 0, 1] = 0.95
   config.eval.objectness_threshold = 0.5
   reranked = misc.summarize(misc.pair_records(batch, out, config), config)
-  assert reranked['ap50'] == pytest.approx(0.75)
-  assert reranked['miou'] == metrics['miou'] and reranked['pck@0.1'] == metrics['pck@0.1']
+  assert reranked['ap50_all_point'] == reranked['ap50_coco'] == pytest.approx(0.75)
+  assert reranked['matched_iou'] == metrics['matched_iou'] and reranked['pck@0.1'] == metrics['pck@0.1']
   # A duplicate of b (target query 2) ranked 0.85, above the half of a (0.8): a false positive before the
   # last true one, AP 2/3 + 1/3 x 3/4. Matrix NMS decays it to 0.85 / e^2, below every true detection.
   out['detection_scores'][0, 0, 1] = 0.3
   out['masks'][1, 0, 2], out['detection_scores'][1, 0, 2] = b, 0.85
   config.eval.matrix_nms_sigma = 0.
-  assert misc.summarize(misc.pair_records(batch, out, config), config)['ap50'] == pytest.approx(2 / 3 + 1 / 4)
+  duplicate = misc.summarize(misc.pair_records(batch, out, config), config)
+  assert duplicate['ap50_all_point'] == pytest.approx(2 / 3 + 1 / 4)
+  # COCO's 101 recalls: 0-0.66 (67 of them) at precision 1, 0.67-1 (34) at 3/4.
+  assert duplicate['ap50_coco'] == pytest.approx((67 + 34 * 0.75) / 101)
   config.eval.matrix_nms_sigma = 2.
-  assert misc.summarize(misc.pair_records(batch, out, config), config)['ap50'] == pytest.approx(1.0)
+  assert misc.summarize(misc.pair_records(batch, out, config), config)['ap50_all_point'] == pytest.approx(1.0)
 
 
 def test_matrix_nms_by_hand():
@@ -228,6 +235,57 @@ def test_average_precision_by_hand():
   assert ap == pytest.approx(1 / 3 + 2 / 9)
 
 
+def test_ap50_coco_is_pycocotools_segm_ap_at_iou_half():
+  """Random blobs on 6 images (1-3 truths, 0-5 detections each): greedy matching per image and 101-point
+  AP pooled over the images equal pycocotools' COCOeval (segm, IoU 0.5, one category, area 'all')."""
+  from pycocotools import coco  # pylint: disable=g-import-not-at-top
+  from pycocotools import cocoeval  # pylint: disable=g-import-not-at-top
+  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  size = 32
+
+  def blob():  # a random rectangle with a few random pixels: IoUs without ties
+    rows, cols = (tuple(sorted(rng.choice(size, 2, replace=False))) for _ in range(2))
+    return _rect(rows, cols, size=size) | (rng.random((size, size)) < 0.02)
+
+  def rle(m):
+    encoded = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    return dict(encoded, counts=encoded['counts'].decode())
+
+  images, truths, detections, all_scores, all_tp, num_truths = [], [], [], [], [], 0
+  for image_id in range(6):
+    gts = [blob() for _ in range(rng.integers(1, 4))]
+    dets = [g ^ (rng.random((size, size)) < 0.03) if rng.random() < 0.7 else blob()
+            for g in gts for _ in range(rng.integers(0, 3))][:5]
+    scores = rng.random(len(dets))
+    images.append({'id': image_id, 'width': size, 'height': size})
+    truths += [{'id': len(truths) + k + 1, 'image_id': image_id, 'category_id': 1, 'iscrowd': 0,
+                'segmentation': rle(g), 'area': float(g.sum()), 'bbox': list(mask_utils.toBbox(rle(g)))}
+               for k, g in enumerate(gts)]
+    detections += [{'image_id': image_id, 'category_id': 1, 'segmentation': rle(d), 'score': float(sc)}
+                   for d, sc in zip(dets, scores)]
+    if dets:
+      all_scores.append(scores)
+      all_tp.append(misc.greedy_true_positives(scores, misc.mask_iou(np.stack(dets), np.stack(gts))))
+    num_truths += len(gts)
+  ours = misc.average_precision(np.concatenate(all_scores), np.concatenate(all_tp), num_truths,
+                                recall_points=101)
+  ground = coco.COCO()
+  ground.dataset = {'info': {}, 'images': images, 'annotations': truths,
+                    'categories': [{'id': 1, 'name': 'thing'}]}
+  ground.createIndex()
+  evaluation = cocoeval.COCOeval(ground, ground.loadRes(detections), 'segm')
+  evaluation.params.iouThrs = np.array([0.5])
+  evaluation.params.maxDets = [100]
+  evaluation.params.areaRng, evaluation.params.areaRngLbl = [[0, 1e10]], ['all']
+  evaluation.evaluate()
+  evaluation.accumulate()
+  theirs = evaluation.eval['precision'][0, :, 0, 0, 0]
+  assert 0.2 < ours < 0.95  # a case with misses and false positives
+  assert ours == pytest.approx(float(theirs.mean()), abs=1e-9)
+  assert misc.average_precision(np.concatenate(all_scores), np.concatenate(all_tp), num_truths) != ours
+
+
 def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config, tmp_path):
   config = misc210k_dualpath.get_config('smoke')
   config.dataset.data_dir = smoke_config.dataset.data_dir
@@ -254,7 +312,7 @@ def test_training_steps_reduce_both_losses_then_the_evaluator_runs(smoke_config,
   evaluator = misc.Evaluator(config, model_module, 'validation', None, mesh)
   metrics, first_batch = evaluator.evaluate(state)
   assert metrics['num_pairs'] == 3  # synthetic_misc/tiny validation
-  for key in ('pck@0.1', 'pck_oracle@0.1', 'miou', 'ap50'):
+  for key in ('pck@0.1', 'pck_oracle@0.1', 'matched_iou', 'coseg_jaccard', 'ap50_all_point', 'ap50_coco'):
     assert 0 <= metrics[key] <= 1, (key, metrics)
   evaluator.plot(first_batch, str(tmp_path / 'pair.png'))
   assert (tmp_path / 'pair.png').stat().st_size > 10_000
@@ -381,3 +439,26 @@ def test_transfer_on_true_masks_frees_the_transfer_terms_from_the_predicted_mask
   config.model.transfer_on = 'gt'
   with pytest.raises(ValueError, match='transfer_on'):
     dual_path.train_loss(functools.partial(model.apply, variables), batch, config)
+
+
+def test_the_training_transfer_is_the_whole_region_soft_argmax_whatever_the_prediction_rule(smoke_config):
+  """As KBCNet's loss: model.transfer (the prediction rule) does not change the dual path's loss, while it
+  does change what the model predicts."""
+  config = misc210k_dualpath.get_config('smoke')
+  config.dataset.data_dir = smoke_config.dataset.data_dir
+  config.input.augment.photometric = False
+  batch = jax.tree.map(lambda x: x[:1], next(input_pipeline.train_iterator(config)))  # one pair
+  _, model = state_lib.create_model(config)
+  image = batch['source']['image']
+  apply = functools.partial(model.apply, model.init(jax.random.key(0), image, image))
+  losses, predictions = [], []
+  for rule in ('soft_argmax', 'kernel_soft_argmax'):
+    config.model.transfer = rule  # read when traced
+    losses.append(jax.jit(lambda: dual_path.train_loss(apply, batch, config)[1]['transfer_loss'])())
+    scores = apply(image, batch['target']['image'])['scores']
+    masks = jnp.ones((1, 1) + scores.shape[2:])
+    predictions.append(dual_path.transfer_into(scores, masks, batch['source']['keypoints'][:, :1],
+                                               batch['source']['keypoint_valid'][:, :1],
+                                               config.input.image_size, config.model))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+  assert not np.allclose(predictions[0], predictions[1], atol=1e-3)

@@ -2,15 +2,22 @@
 
 Co-segmentation, on both images of every pair: predicted instances are the queries whose objectness
 exceeds `config.eval.objectness_threshold`, with masks upsampled to the input. They are matched to the
-true instances by the Hungarian algorithm on IoU;
-- `miou`: mean over true instances of the IoU with the matched prediction (0 when unmatched);
-- `ap50`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO ranks all
-  detections (greedy matching, all-point interpolation), pooled over the split, by objectness x the
-  mask's predicted IoU (Mask Scoring R-CNN's ranking; `config.model.mask_iou_loss_weight` > 0), or without
-  that head objectness x mask score (the mean probability inside the mask: Mask2Former's,
-  `instance_matching.mask_scores`); each score then decays by its mask's overlap with better-ranked masks
-  (`matrix_nms`, SOLOv2's, strength `config.eval.matrix_nms_sigma`; 0 or absent: off), so a duplicate
-  ranks below the distinct detections. AP does not depend on the threshold.
+true instances by the Hungarian algorithm on IoU. Our instance metrics, named for what they are:
+- `matched_iou`: mean over true instances of the IoU with the matched prediction (0 when unmatched): an
+  instance-matched IoU, not the co-segmentation Jaccard index;
+- `ap50_all_point`: average precision at IoU 0.5 of every query with a non-empty mask, ranked as COCO
+  ranks all detections (greedy matching), pooled over the split, with all-point interpolation (the area
+  under the precision envelope), by objectness x the mask's predicted IoU (Mask Scoring R-CNN's ranking;
+  `config.model.mask_iou_loss_weight` > 0), or without that head objectness x mask score (the mean
+  probability inside the mask: Mask2Former's, `instance_matching.mask_scores`); each score then decays by
+  its mask's overlap with better-ranked masks (`matrix_nms`, SOLOv2's, strength
+  `config.eval.matrix_nms_sigma`; 0 or absent: off), so a duplicate ranks below the distinct detections.
+  AP does not depend on the threshold.
+The standard definitions beside them:
+- `ap50_coco`: the same detections and matches, COCO's 101-point interpolation (pycocotools' `segm` AP at
+  IoU 0.5 with one category; tests/test_dual_path.py checks it against pycocotools);
+- `coseg_jaccard`: the co-segmentation Jaccard index: per image, the IoU of the union of the predicted
+  instances' masks with the union of the true ones, averaged over images.
 
 Correspondence, for every pair (source instance i, target instance j) with a keypoint labelled in both:
 the source keypoints of i are transferred into j, and PCK@alpha counts those within alpha * max(w, h) of
@@ -105,8 +112,10 @@ def greedy_true_positives(scores, iou, threshold=0.5):
   return tp
 
 
-def average_precision(scores, tp, num_truths):
-  """All-point interpolated AP of detections (scores [N], tp [N]) against num_truths."""
+def average_precision(scores, tp, num_truths, recall_points: int | None = None):
+  """AP of detections (scores [N], tp [N]) against num_truths: all-point interpolation (the area under the
+  precision envelope), or with `recall_points` (COCO: 101) the envelope's mean at that many recalls from 0
+  to 1 (0 beyond the largest recall reached)."""
   if num_truths == 0:
     return float('nan')
   order = np.argsort(-scores, kind='stable')
@@ -114,6 +123,10 @@ def average_precision(scores, tp, num_truths):
   recall = np.cumsum(hits) / num_truths
   precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
   envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(hits) else precision
+  if recall_points:
+    at = np.searchsorted(recall, np.linspace(0, 1, recall_points), side='left')
+    return float(np.where(at < len(envelope), envelope[np.minimum(at, len(envelope) - 1)], 0.).mean()
+                 if len(envelope) else 0.)
   steps = np.diff(np.concatenate([[0.], recall]))
   return float((steps * envelope).sum())
 
@@ -149,7 +162,7 @@ def pair_records(batch, out, config):
   rec = {
       'pck': np.zeros((b, 2, len(BUCKETS), len(alphas))),  # [pair, oracle/predicted, bucket, alpha]
       'pck_pairs': np.zeros((b, len(BUCKETS))),
-      'iou_sum': np.zeros(b), 'truths': np.zeros(b),
+      'iou_sum': np.zeros(b), 'truths': np.zeros(b), 'jaccard_sum': np.zeros(b), 'images': np.zeros(b),
       'scores': np.full((b, 2, q_max), -1.), 'tp': np.zeros((b, 2, q_max), bool),
   }
   for n in np.flatnonzero(batch['valid']):
@@ -178,6 +191,8 @@ def pair_records(batch, out, config):
         match = match_instances(iou)
         rec['iou_sum'][n] += sum(iou[m, g] for g, m in enumerate(match) if m >= 0)
         rec['truths'][n] += len(truths)
+        rec['jaccard_sum'][n] += mask_iou(masks[keep].any(0, keepdims=True), truths.any(0, keepdims=True))[0, 0]
+        rec['images'][n] += 1
         if s == 1:
           assigned = np.where(match >= 0, preds[np.maximum(match, 0)] if len(preds) else -1, -1)
     for i in np.flatnonzero(src['instance_valid'][n]):
@@ -209,10 +224,12 @@ def summarize(records, config) -> dict:
       for k, bucket in enumerate(BUCKETS) if pairs[k] > 0}
   truths = records['truths'].sum()
   if truths:
-    metrics['miou'] = float(records['iou_sum'].sum() / truths)
+    metrics['matched_iou'] = float(records['iou_sum'].sum() / truths)
+    metrics['coseg_jaccard'] = float(records['jaccard_sum'].sum() / records['images'].sum())
     scores, tp = records['scores'].reshape(-1), records['tp'].reshape(-1)
     kept = scores >= 0
-    metrics['ap50'] = average_precision(scores[kept], tp[kept], int(truths))
+    metrics['ap50_all_point'] = average_precision(scores[kept], tp[kept], int(truths))
+    metrics['ap50_coco'] = average_precision(scores[kept], tp[kept], int(truths), recall_points=101)
   return metrics
 
 

@@ -258,11 +258,15 @@ def upsample_masks(logits, size: int, grid: grids.Grid):
   return resample_cells(logits, grid, grids.Grid(1, grids.PIXELS_OFFSET), size)
 
 
-def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config):
+def transfer_into(scores, target_masks, src_kps, src_valid, size, model_config, training: bool = False):
   """Source keypoints of every instance [B, I, K, 2] (valid [B, I, K]) transferred into each target
-  region target_masks [B, J, Hb, Wb] -> [B, J, I, K, 2]."""
+  region target_masks [B, J, Hb, Wb] -> [B, J, I, K, 2]. `training`: by the soft-argmax over the whole
+  region, whatever model.transfer (the prediction rule) says, as KBCNet's loss does (kbcnet.train_loss):
+  its gradient reaches every cell of the region."""
   b, i, k, _ = src_kps.shape
   kwargs = transfer_kwargs(model_config)
+  if training:
+    kwargs.update(transfer='soft_argmax')
 
   def one(mask):
     pred = kbcnet.predict_keypoints(restrict(scores, mask, model_config.beta),
@@ -293,7 +297,8 @@ def pair_losses(scores, target_masks, batch, size, model_config):
   """EPE and match cross-entropy of every (source instance, target instance) pair, the transfer
   restricted to target_masks [B, J, Hb, Wb]; averaged over pairs with a valid keypoint, then the batch."""
   src_kps, src_valid, trg_kps, valid = instance_pair_targets(batch, dense=True)
-  pred = transfer_into(scores, target_masks, src_kps, src_valid, size, model_config)  # [B, J, I, K, 2]
+  pred = transfer_into(scores, target_masks, src_kps, src_valid, size, model_config,
+                       training=True)  # [B, J, I, K, 2]
   pred = pred.transpose(0, 2, 1, 3, 4)  # [B, I, J, K, 2]
   dist = jnp.sqrt(jnp.sum(((pred - trg_kps[:, None]) / size)**2, -1) + 1e-12)
   count = valid.sum(-1)  # [B, I, J]
