@@ -70,8 +70,10 @@ def kbcnet_config(variant: str, dataset: str, image_size: int) -> ml_collections
   # True: ViT and decoder blocks are recomputed in the backward pass instead of keeping their activations
   # (less memory for one more forward pass; the gradients do not change).
   config.model.remat = False
-  # or 'kernel_soft_argmax' (CHM's) or 'local_soft_argmax' (around the best score); the loss keeps soft_argmax
+  # or 'kernel_soft_argmax' (CHM's) or 'local_soft_argmax' (around the best score), per source cell; or per
+  # keypoint 'argmax' / 'windowed_soft_argmax' (the DINOv2 line's); the loss keeps the soft_argmax
   config.model.transfer = 'soft_argmax'
+  config.model.window = 2.0           # windowed_soft_argmax: the cells within this of the best one
   config.model.beta = 0.02            # softmax temperature of the transfer
   config.model.sigma = 5.0            # Gaussian of the kernel and local soft-argmax, in feature cells
   config.model.match_loss_weight = 0.1  # cross-entropy on the true target cells (kbcnet.train_loss)

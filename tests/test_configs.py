@@ -15,7 +15,8 @@ from misc_jax import state as state_lib
 
 CONFIGS = ['synthetic', 'synthetic:long', 'synthetic:pretrain', 'synthetic:pretrain_kbc', 'synthetic:scratch',
            'kbcnet_spair', 'kbcnet_spair:hires', 'kbcnet_pfpascal', 'kbcnet_pfwillow', 'misc210k_dualpath',
-           'kbcnet_dinov2_spair', 'dinov2_zero_shot:spair71k', 'misc210k_dualpath:dinov2']
+           'kbcnet_dinov2_spair', 'dinov2_zero_shot:spair71k', 'dinov2_zero_shot:pf_pascal,ours',
+           'misc210k_dualpath:dinov2']
 
 
 def _load(spec: str):
@@ -99,3 +100,16 @@ def test_the_benchmark_recipes_train_through_kbc_crops(name):
   the test-time target crop framed by the coarse predictions that agree."""
   config = _load(name)
   assert config.kbc.eval and config.kbc.train_prob == 0.5 and config.kbc.coarse_radius == 0.5
+
+
+def test_the_dinov2_zero_shot_config_follows_the_dinov2_line_protocol():
+  """840 px with the aspect kept, the keypoint's argmax (or GeoAware-SC's window), the test split; our
+  earlier baseline is a named variant."""
+  protocol, windowed, ours = (_load(f'dinov2_zero_shot:spair71k{v}') for v in ('', ',windowed', ',ours'))
+  assert (protocol.input.image_size, protocol.input.keep_aspect, protocol.model.transfer,
+          protocol.dataset.eval_split) == (840, True, 'argmax', 'test')
+  assert windowed.model.transfer == 'windowed_soft_argmax' and windowed.input.image_size == 840
+  assert (ours.input.image_size, ours.input.keep_aspect, ours.model.transfer,
+          ours.dataset.eval_split) == (518, False, 'soft_argmax', 'validation')
+  with pytest.raises(ValueError, match='VARIANT one of'):
+    _load('dinov2_zero_shot:spair71k,geoaware')

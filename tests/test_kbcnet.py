@@ -294,6 +294,32 @@ def test_local_soft_argmax_ignores_a_constant_and_keeps_one_of_two_modes():
   assert min(np.abs(xy - 2).max(), np.abs(xy - 9).max()) < 0.01, xy
 
 
+def test_keypoint_argmax_and_window_keep_one_of_two_symmetric_modes():
+  """A source keypoint whose target scores have two equal modes (a left/right symmetric part): the
+  whole-image soft-argmax lands between them, the DINOv2 line's argmax on one of them, and the windowed
+  soft-argmax within its window of that one. On an identity volume, keypoints at cell centres map to
+  themselves through both."""
+  grid, size = grids.resnet(8), 96  # 12 x 12 cells
+  scores = np.zeros((1, 144, 12, 12), np.float32)
+  scores[0, :, 5, 1] = scores[0, :, 5, 10] = 1.  # every source cell: two modes, at x cells 1 and 10
+  scores[0, :, 4, 1] = 0.5  # a shoulder beside the first mode, inside its window
+  kps, valid = np.array([[[44., 44.]]], np.float32), np.ones((1, 1), bool)
+  predict = lambda transfer: np.asarray(kbcnet.predict_keypoints(scores, kps, valid, size, grid=grid,
+                                                                 transfer=transfer, beta=0.1, window=1.5))
+  modes = np.asarray(grid.centres(12))[[1, 10]]  # pixel x of the two modes (y: cell 5)
+  whole = predict('soft_argmax')[0, 0]
+  assert abs(whole[0] - modes.mean()) < 1  # between the two
+  np.testing.assert_allclose(predict('argmax')[0, 0], [modes[0], grid.centres(12)[5]])
+  windowed = predict('windowed_soft_argmax')[0, 0]
+  assert abs(windowed[0] - modes[0]) < 1e-3 and grid.centres(12)[4] < windowed[1] < grid.centres(12)[5]
+  eye = jnp.eye(144).reshape(1, 144, 12, 12)
+  centres = np.asarray(grid.centres(12))[np.random.default_rng(0).integers(0, 12, (1, 10, 2))]
+  for transfer in ('argmax', 'windowed_soft_argmax'):
+    out = kbcnet.predict_keypoints(eye, centres, np.ones((1, 10), bool), size, grid=grid, transfer=transfer,
+                                   beta=0.01)
+    np.testing.assert_allclose(out, centres, atol=1e-3)
+
+
 def test_refinement_lands_on_the_fine_cell_that_matches():
   """Identical images whose fine descriptors are near-orthogonal per cell: keypoints at fine-cell centres,
   coarse matches off by up to one coarse cell (8 px = 2 fine cells). The refinement returns the keypoints;

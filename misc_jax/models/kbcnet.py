@@ -257,19 +257,26 @@ def head_inits(num_layers: int) -> dict:
 def transfer_kwargs(model_config) -> dict:
   """The config.model fields of `predict_keypoints`, and the model's feature grids."""
   c = model_config
-  kwargs = dict(grid=feature_grid(c), transfer=c.transfer, beta=c.beta, sigma=c.sigma)
+  kwargs = dict(grid=feature_grid(c), transfer=c.transfer, beta=c.beta, sigma=c.sigma,
+                window=c.get('window', 2.))
   if c.get('refine_dim'):
     kwargs.update(refine=dict(grid=fine_grid(c), radius=c.refine_radius, beta=c.refine_beta))
   return kwargs
 
 
+TRANSFERS = ('soft_argmax', 'kernel_soft_argmax', 'local_soft_argmax', 'argmax', 'windowed_soft_argmax')
+
+
 def predict_keypoints(out, kps, valid, image_size: int, *, grid: grids.Grid, transfer: str = 'soft_argmax',
-                      beta: float = 0.02, sigma: float = 5., refine: dict | None = None):
+                      beta: float = 0.02, sigma: float = 5., window: float = 2., refine: dict | None = None):
   """Transfers source keypoints [B, N, 2] (pixels of the S x S input; mask `valid` [B, N]) through the
   model's output (scores [B, Ha*Wa, Hb, Wb] on `grid`, or {'scores', 'fine'}) to target pixels [B, N, 2]
   (invalid ones unchanged). `transfer` is 'soft_argmax' (softmax over the target dims at temperature
   beta), 'kernel_soft_argmax' (CHM's, on scores / beta, Gaussian sigma in cells) or 'local_soft_argmax'
-  (the softmax times a Gaussian around its mode: shift-invariant, unlike CHM's); with `refine`
+  (the softmax times a Gaussian around its mode: shift-invariant, unlike CHM's), all read per source
+  cell and interpolated at the keypoint; or keypoint first, as the DINOv2 correspondence line does:
+  'argmax' (the keypoint's score row, interpolated from the source cells, -> its best target cell) and
+  'windowed_soft_argmax' (the softmax of that row within `window` cells of its best cell); with `refine`
   (transfer_kwargs) and fine descriptors, each prediction is then refined locally (`refine_keypoints`).
   Predictions lie inside the image."""
   scores = out['scores'] if isinstance(out, dict) else out
@@ -282,10 +289,16 @@ def predict_keypoints(out, kps, valid, image_size: int, *, grid: grids.Grid, tra
     coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, positions)
   elif transfer == 'local_soft_argmax':
     coords = soft_argmax.local_soft_argmax(vol, beta, sigma, positions)
+  elif transfer not in ('argmax', 'windowed_soft_argmax'):
+    raise ValueError(f'unknown transfer {transfer!r}; expected one of {TRANSFERS}')
+  if transfer in ('argmax', 'windowed_soft_argmax'):
+    b, ha, wa = vol.shape[:3]
+    cells = jnp.clip(grid.to_cells(kps), 0, jnp.array([wa - 1, ha - 1]))  # interpolate, never extrapolate
+    rows = soft_argmax.interpolate_at_cells(vol.reshape(b, ha, wa, hb * wb), cells, valid)
+    pred = soft_argmax.keypoint_argmax(rows.reshape(*rows.shape[:2], hb, wb), positions, beta,
+                                       window if transfer == 'windowed_soft_argmax' else 0.)
   else:
-    raise ValueError(f'unknown transfer {transfer!r}; expected soft_argmax, kernel_soft_argmax or '
-                     'local_soft_argmax')
-  pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)  # read at each keypoint
+    pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)  # read at each keypoint
   pred = jnp.clip(pred, 0, image_size)  # the read-out extrapolates past the outer cells; stay in the image
   if refine and isinstance(out, dict) and 'fine' in out:
     b = kps.shape[0]

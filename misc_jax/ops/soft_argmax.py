@@ -71,6 +71,25 @@ def local_soft_argmax(corr, beta: float, sigma: float, positions=None):
   return coords.reshape(b, ha, wa, 2)
 
 
+def keypoint_argmax(rows, positions, beta: float = 0.02, window: float = 0.):
+  """The nearest-neighbour read-out of the DINOv2 correspondence line (SD-DINO, GeoAware-SC): each
+  keypoint's own score row over the target cells -> its best cell's centre, or with `window` > 0 the
+  expected position under softmax(rows / beta) over the cells within `window` cells of the best one
+  (GeoAware-SC's windowed soft-argmax). Unlike the whole-image soft-argmax it does not average two
+  symmetric modes into a point between them.
+
+  rows [B, N, Hb, Wb] -> [B, N, 2] (x, y) in the units of `positions` (the target cells' (ys, xs)).
+  """
+  b, n, hb, wb = rows.shape
+  logits = rows.reshape(b, n, hb * wb) / beta
+  centres = _grid(hb, wb, positions)  # [Hb * Wb, 2]
+  if not window:
+    return centres[jnp.argmax(logits, axis=-1)]
+  near = _squared_distance_to_argmax(logits, wb) <= window**2
+  prob = jax.nn.softmax(jnp.where(near, logits, -jnp.inf), axis=-1)
+  return jnp.einsum('bnt,td->bnd', prob, centres)
+
+
 def _squared_distance_to_argmax(scores, wb: int):
   """scores [B, Sa, Sb] over target cells in rows of wb -> [B, Sa, Sb] squared distances (in cells) of
   every target cell to the best-scoring one of its row."""
