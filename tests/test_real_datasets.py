@@ -3,6 +3,7 @@
 Expected values are the ones tfds_builders/make_dummy_data.py writes, typed here by hand.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -76,6 +77,23 @@ def test_misc210k_values(data_dir):
   test = _pairs('misc210k', data_dir, 'test')
   assert set(test) == {'cat-10-11', 'cat-11-10'}
   assert len(test['cat-10-11']['source']['instance_ids']) == 2
+
+
+def test_misc210k_takes_an_official_pair_list(tmp_path):
+  """A pairs_<split>.json in the manual dir replaces the builder's own pairs (each image with the next 45
+  of its category), so numbers can be compared with a published pair list; a name in no annotation file
+  is refused, naming the file and the entry."""
+  manual = tmp_path / 'manual'
+  shutil.copytree(_dummy('misc210k'), manual)
+  split_dir = manual / 'misc210k_cocosplit' / 'datasplit'
+  listed = [['COCO_train2014_000000000002.jpg', 'COCO_train2014_000000000001.jpg', 'dog'],
+            ['COCO_val2014_000000000003.jpg', 'COCO_train2014_000000000004.jpg', 'person']]
+  (split_dir / 'pairs_train.json').write_text(json.dumps(listed))
+  build.build('misc210k', str(tmp_path / 'records'), manual_dir=str(manual))
+  assert set(_pairs('misc210k', str(tmp_path / 'records'), 'train')) == {'dog-2-1', 'person-3-4'}
+  (split_dir / 'pairs_train.json').write_text(json.dumps(listed + [['COCO_x.jpg', 'COCO_y.jpg', 'dog']]))
+  with pytest.raises(features.InvalidExampleError, match=r"pairs_train.json.*\[2\].*'COCO_x.jpg'"):
+    build.build('misc210k', str(tmp_path / 'again'), manual_dir=str(manual))
 
 
 def test_spair71k_values(data_dir):
