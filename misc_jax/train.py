@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import PIL.Image
 import tqdm
 
 from misc_jax import input_pipeline
@@ -330,6 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       (run_dir / 'eval' / f'{config.dataset.eval_split}_{step:08d}.json').write_text(
           json.dumps(dict(step=step, split=config.dataset.eval_split, **metrics), indent=2))
       evaluator.plot(first, str(run_dir / 'predictions.png'))
+      # The same figure in TensorBoard, one per evaluation: the first evaluation batch (fixed pairs).
+      writer.write_images(step, {'predictions': np.asarray(PIL.Image.open(run_dir / 'predictions.png')
+                                                           .convert('RGB'))[None]})
     return metrics
 
   if lead and start:

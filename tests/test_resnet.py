@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from misc_jax.models import resnet
 from misc_jax.ops import grid as grids
@@ -54,6 +55,29 @@ def test_resnet101_matches_torchvision():
     np.testing.assert_allclose(nchw(block), golden['layer3_block_outputs'][j], err_msg=f'block {j}',
                                **tol)
   np.testing.assert_allclose(out['logits'], golden['logits'], **tol)
+
+
+def test_timm_resnet101_weights_convert_and_match_timms_forward_pass(tmp_path):
+  """timm's plain resnet101 (resnet101.a1_in1k and the like) shares torchvision's names: the formula
+  weights through the converter match timm 1.0.31's own forward pass (make_timm_resnet_golden.py); timm's
+  other variants are refused by name."""
+  from misc_jax.tools import convert_resnet  # pylint: disable=g-import-not-at-top
+  golden = np.load(os.path.join(GOLDEN, 'timm_resnet101_features.npz'))
+  np.savez(tmp_path / 'resnet101_a1_in1k.npz', **formula_state_dict())
+  variables = convert_resnet.convert(str(tmp_path / 'resnet101_a1_in1k.npz'), str(tmp_path / 'out.msgpack'))
+  variables['params']['fc'] = resnet.torchvision_to_flax(formula_state_dict())['params']['fc']
+  model = resnet.ResNet(resnet.STAGE_SIZES['resnet101'], num_classes=1000)
+  image = np.sin(0.05 * np.arange(3 * 96 * 128)).reshape(1, 3, 96, 128).astype(np.float32)
+  out = jax.jit(model.apply)(variables, image.transpose(0, 2, 3, 1))
+  for key in ('layer2', 'layer3', 'layer4'):
+    np.testing.assert_allclose(np.asarray(out[key]).transpose(0, 3, 1, 2), golden[key], rtol=1e-4, atol=1e-4,
+                               err_msg=key)
+  np.testing.assert_allclose(out['logits'], golden['logits'], rtol=1e-4, atol=1e-4)
+  deep_stem = {'conv1.0.weight': np.zeros((32, 3, 3, 3), np.float32), **formula_state_dict()}
+  np.savez(tmp_path / 'resnet101d.npz', **deep_stem)
+  with pytest.raises(ValueError, match=r"resnet101d.npz: the key 'conv1.0.weight' belongs to a ResNet with a "
+                                       r"deep stem"):
+    convert_resnet.convert(str(tmp_path / 'resnet101d.npz'), str(tmp_path / 'd.msgpack'))
 
 
 def test_a_feature_cell_is_centred_on_pixel_stride_times_its_index():

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import optax
+import PIL.Image
 import orbax.checkpoint as ocp
 import pytest
 
@@ -72,6 +73,14 @@ def test_run_writes_checkpoints_metrics_and_plots(reference):
   assert len(losses) == STEPS and np.all(np.isfinite(losses))
   for png in ('predictions.png', 'learning_curve.png'):
     assert (workdir / png).stat().st_size > 10_000
+  # TensorBoard holds the predictions figure of the evaluation (and the curves as scalars).
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0}).Reload()
+  assert {'predictions', 'train/loss', 'eval/pck@0.1'} <= set(events.Tags()['tensors'])
+  (image,) = events.Tensors('predictions')
+  width, height, png = image.tensor_proto.string_val
+  assert image.step == STEPS and png.startswith(b'\x89PNG')
+  assert (int(width), int(height)) == PIL.Image.open(workdir / 'predictions.png').size
 
 
 def test_resume_after_sigkill_ends_with_the_same_parameters(reference, tiny_data_dir, tmp_path):

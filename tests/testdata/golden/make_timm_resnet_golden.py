@@ -1,0 +1,64 @@
+r"""Writes timm_resnet101_features.npz: timm's ResNet-101 on the formula weights of the torchvision golden.
+
+  /tmp/goldens/bin/python tests/testdata/golden/make_timm_resnet_golden.py   # the venv of
+                                                                             # make_dinov2_library_goldens.py
+
+Never needed by CI or the tests. timm's `resnet101` (the architecture of `resnet101.a1_in1k` and the other
+plain timm ResNet-101 weights) loads torchvision's state_dict names as they are; the weights are
+torchvision_resnet101_state_dict_spec.json's formula (shared/golden), the input the torchvision golden's
+(sin(0.05 * arange) over [1, 3, 96, 128]). Saved: layer2, layer3, layer4 (NCHW) and the logits.
+"""
+
+import json
+import os
+
+import numpy as np
+import timm
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def formula():
+  with open(os.path.join(HERE, 'torchvision_resnet101_state_dict_spec.json')) as f:
+    spec = json.load(f)
+  out = {}
+  for i, (key, shape) in enumerate(spec):
+    n = int(np.prod(shape)) if shape else 1
+    base = np.sin(0.7 * np.arange(n) + 1.3 * i).reshape(shape)
+    if key.endswith('num_batches_tracked'):
+      value = np.zeros(shape, np.int64)
+    elif len(shape) > 1:
+      value = base / np.sqrt(np.prod(shape[1:]))
+    elif key.endswith('running_var'):
+      value = 1 + 0.5 * base**2
+    elif key.endswith('running_mean'):
+      value = 0.1 * base
+    elif key.endswith('bn3.weight'):
+      value = 0.2 * (1 + 0.1 * base)
+    elif key.endswith('.weight'):
+      value = 1 + 0.1 * base
+    else:
+      value = 0.1 * base
+    out[key] = torch.tensor(value.astype(np.float32) if value.dtype == np.float64 else value)
+  return out
+
+
+def main():
+  model = timm.create_model('resnet101', pretrained=False).eval()
+  model.load_state_dict(formula(), strict=True)
+  image = torch.tensor(np.sin(0.05 * np.arange(3 * 96 * 128)).reshape(1, 3, 96, 128), dtype=torch.float32)
+  outputs = {}
+  with torch.no_grad():
+    x = model.maxpool(model.act1(model.bn1(model.conv1(image))))
+    for name in ('layer1', 'layer2', 'layer3', 'layer4'):
+      x = getattr(model, name)(x)
+      outputs[name] = x.numpy()
+    outputs['logits'] = model(image).numpy()
+  del outputs['layer1']  # the largest map; layer2 already depends on it
+  np.savez_compressed(os.path.join(HERE, 'timm_resnet101_features.npz'), version=timm.__version__, **outputs)
+  print(timm.__version__, {k: v.shape for k, v in outputs.items()})
+
+
+if __name__ == '__main__':
+  main()
