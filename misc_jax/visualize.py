@@ -89,7 +89,10 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   acc.Reload()
   series = {}
   for tag in acc.Tags()['tensors']:
-    last = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+    events = acc.Tensors(tag)
+    if events and events[0].tensor_proto.tensor_shape.dim:  # not a scalar: the predictions image
+      continue
+    last = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events}
     series[tag] = sorted(last.items())
   return series
 
