@@ -217,6 +217,11 @@ def test_layouts_that_do_not_fit_are_refused_naming_a_key(tmp_path):
            'blocks.0.mlp.fc1.weight': np.zeros((8192, 1536)), 'blocks.0.mlp.fc2.weight': np.zeros((1536, 4096))}
   kind, state = convert_dinov2.to_official(giant)  # timm's packed SwiGLU: fc1 / fc2 are w12 / w3
   assert kind == 'timm' and {'blocks.0.mlp.w12.weight', 'blocks.0.mlp.w3.weight'} <= set(state)
+  hf_giant = {'embeddings.patch_embeddings.projection.weight': giant['patch_embed.proj.weight'],
+              'embeddings.cls_token': giant['cls_token'], 'encoder.layer.0.mlp.weights_in.weight': giant[
+                  'blocks.0.mlp.fc1.weight'], 'encoder.layer.0.mlp.weights_out.bias': np.zeros(1536)}
+  kind, state = convert_dinov2.to_official(hf_giant)  # transformers' SwiGLU: weights_in / weights_out
+  assert kind == 'transformers' and {'blocks.0.mlp.w12.weight', 'blocks.0.mlp.w3.bias'} <= set(state)
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='a Hugging Face snapshot holding config.json and model.safetensors'):
     convert_dinov2.read(str(tmp_path / 'empty'))
