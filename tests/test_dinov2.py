@@ -11,31 +11,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+import golden_weights
 from misc_jax import state as state_lib
 from misc_jax.models import dinov2
 
-GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
-
-
-def formula_state_dict(case: str) -> dict:
-  """The state_dict the golden file was made with (shared/golden/README.md section 11)."""
-  with open(os.path.join(GOLDEN, f'dinov2_{case}_state_dict_spec.json')) as f:
-    spec = json.load(f)['state_dict']
-  out = {}
-  for i, (key, shape) in enumerate(spec):
-    base = np.sin(0.7 * np.arange(int(np.prod(shape))) + 1.3 * i).reshape(shape)
-    if key in ('cls_token', 'mask_token', 'register_tokens', 'pos_embed'):
-      value = 0.5 * base
-    elif key.endswith('.gamma'):
-      value = 0.5 * (1 + 0.1 * base)
-    elif len(shape) > 1:
-      value = base / np.sqrt(np.prod(shape[1:]))
-    elif key.endswith('.weight'):
-      value = 1 + 0.1 * base
-    else:
-      value = 0.05 * base
-    out[key] = value.astype(np.float32)
-  return out
+GOLDEN = golden_weights.GOLDEN
+formula_state_dict = golden_weights.dinov2  # section 11 of shared/golden/README.md
+_as_transformers = golden_weights.as_transformers
+_as_timm = golden_weights.as_timm
 
 
 @pytest.mark.parametrize('case', ['vits14', 'vits14_reg'])
@@ -107,44 +90,6 @@ def test_the_converter_reads_the_architecture_and_refuses_what_does_not_fit(tmp_
   np.savez(tmp_path / 'resnet.npz', **{'conv1.weight': np.zeros((64, 3, 7, 7), np.float32)})
   with pytest.raises(ValueError, match='resnet.npz: not a DINOv2 state_dict'):
     convert_dinov2.convert(str(tmp_path / 'resnet.npz'), str(tmp_path / 'out.msgpack'))
-
-
-def _as_transformers(official: dict) -> dict:
-  """An official state_dict written as `transformers` saves a Dinov2Model (hub file names)."""
-  names = {'cls_token': 'embeddings.cls_token', 'mask_token': 'embeddings.mask_token',
-           'pos_embed': 'embeddings.position_embeddings', 'register_tokens': 'embeddings.register_tokens',
-           'patch_embed.proj.weight': 'embeddings.patch_embeddings.projection.weight',
-           'patch_embed.proj.bias': 'embeddings.patch_embeddings.projection.bias',
-           'norm.weight': 'layernorm.weight', 'norm.bias': 'layernorm.bias'}
-  parts = {'norm1': 'norm1', 'norm2': 'norm2', 'attn.proj': 'attention.output.dense', 'mlp.fc1': 'mlp.fc1',
-           'mlp.fc2': 'mlp.fc2', 'ls1.gamma': 'layer_scale1.lambda1', 'ls2.gamma': 'layer_scale2.lambda1'}
-  out = {}
-  for key, value in official.items():
-    if key in names:
-      out[names[key]] = value
-      continue
-    _, block, rest = key.split('.', 2)
-    prefix = f'encoder.layer.{block}.'
-    if rest.startswith('attn.qkv.'):
-      for name, third in zip(('query', 'key', 'value'), np.split(value, 3)):
-        out[f'{prefix}attention.attention.{name}.{rest.rsplit(".", 1)[1]}'] = third
-    elif rest in parts:  # the layer scales
-      out[prefix + parts[rest]] = value
-    else:
-      module, leaf = rest.rsplit('.', 1)
-      out[f'{prefix}{parts[module]}.{leaf}'] = value
-  return out
-
-
-def _as_timm(official: dict) -> dict:
-  """An official state_dict as timm's checkpoint filter leaves it: no mask token; with registers
-  `reg_token`, the class position folded into the class token and `pos_embed` over the patches only."""
-  out = {k: v for k, v in official.items() if k != 'mask_token'}
-  if 'register_tokens' in out:
-    out['reg_token'] = out.pop('register_tokens')
-    out['cls_token'] = out['cls_token'] + out['pos_embed'][:, :1]
-    out['pos_embed'] = out['pos_embed'][:, 1:]
-  return out
 
 
 @pytest.mark.parametrize('case', ['vits14', 'vits14_reg'])

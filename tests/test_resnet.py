@@ -1,43 +1,18 @@
 """The Flax ResNet-101 with converted torchvision weights matches torchvision (shared/golden formula); where
 its feature cells sit in the image."""
 
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
+import golden_weights
 from misc_jax.models import resnet
 from misc_jax.ops import grid as grids
 
-GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
-
-
-def formula_state_dict():
-  """Rebuilds the formula-defined state_dict of shared/golden/README.md section 10."""
-  with open(os.path.join(GOLDEN, 'torchvision_resnet101_state_dict_spec.json')) as f:
-    spec = json.load(f)
-  out = {}
-  for i, (key, shape) in enumerate(spec):
-    n = int(np.prod(shape)) if shape else 1
-    base = np.sin(0.7 * np.arange(n) + 1.3 * i).reshape(shape)
-    if key.endswith('num_batches_tracked'):
-      value = np.zeros(shape, np.int64)
-    elif len(shape) > 1:
-      value = base / np.sqrt(np.prod(shape[1:]))
-    elif key.endswith('running_var'):
-      value = 1 + 0.5 * base**2
-    elif key.endswith('running_mean'):
-      value = 0.1 * base
-    elif key.endswith('bn3.weight'):
-      value = 0.2 * (1 + 0.1 * base)
-    elif key.endswith('.weight'):
-      value = 1 + 0.1 * base
-    else:
-      value = 0.1 * base
-    out[key] = value.astype(np.float32) if value.dtype == np.float64 else value
-  return out
+GOLDEN = golden_weights.GOLDEN
+formula_state_dict = golden_weights.resnet101  # section 10 of shared/golden/README.md
 
 
 def test_resnet101_matches_torchvision():

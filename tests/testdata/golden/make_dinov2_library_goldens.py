@@ -15,8 +15,8 @@ LayerNorm's output: `prefix_<h>x<w>` [1, 1 + R, D] (cls, registers), `patches_<h
 (float64 sum over every patch token), so the files stay small.
 """
 
-import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -26,62 +26,13 @@ import torch
 import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # tests/: the formula weights the tests use too
+import golden_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def torch_arrays(state):
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 SIZES = ((518, 518), (392, 518))
-
-
-def formula(case):
-  with open(os.path.join(HERE, f'dinov2_{case}_state_dict_spec.json')) as f:
-    spec = json.load(f)['state_dict']
-  out = {}
-  for i, (key, shape) in enumerate(spec):
-    base = np.sin(0.7 * np.arange(int(np.prod(shape))) + 1.3 * i).reshape(shape)
-    if key in ('cls_token', 'mask_token', 'register_tokens', 'pos_embed'):
-      value = 0.5 * base
-    elif key.endswith('.gamma'):
-      value = 0.5 * (1 + 0.1 * base)
-    elif len(shape) > 1:
-      value = base / np.sqrt(np.prod(shape[1:]))
-    elif key.endswith('.weight'):
-      value = 1 + 0.1 * base
-    else:
-      value = 0.05 * base
-    out[key] = torch.tensor(value, dtype=torch.float32)
-  return out
-
-
-def as_transformers(official):
-  top = {'cls_token': 'embeddings.cls_token', 'mask_token': 'embeddings.mask_token',
-         'pos_embed': 'embeddings.position_embeddings', 'register_tokens': 'embeddings.register_tokens',
-         'patch_embed.proj.weight': 'embeddings.patch_embeddings.projection.weight',
-         'patch_embed.proj.bias': 'embeddings.patch_embeddings.projection.bias',
-         'norm.weight': 'layernorm.weight', 'norm.bias': 'layernorm.bias'}
-  part = {'norm1': 'norm1', 'norm2': 'norm2', 'attn.proj': 'attention.output.dense', 'mlp.fc1': 'mlp.fc1',
-          'mlp.fc2': 'mlp.fc2', 'ls1.gamma': 'layer_scale1.lambda1', 'ls2.gamma': 'layer_scale2.lambda1'}
-  out = {}
-  for key, value in official.items():
-    if key in top:
-      out[top[key]] = value
-      continue
-    _, block, rest = key.split('.', 2)
-    prefix = f'encoder.layer.{block}.'
-    if rest.startswith('attn.qkv.'):
-      for name, third in zip(('query', 'key', 'value'), value.chunk(3)):
-        out[f'{prefix}attention.attention.{name}.{rest.rsplit(".", 1)[1]}'] = third
-    elif rest in part:
-      out[prefix + part[rest]] = value
-    else:
-      module, leaf = rest.rsplit('.', 1)
-      out[f'{prefix}{part[module]}.{leaf}'] = value
-  return out
-
-
-def as_timm(official):
-  out = {k: v for k, v in official.items() if k != 'mask_token'}
-  if 'register_tokens' in out:
-    out['reg_token'] = out.pop('register_tokens')
-    out['cls_token'] = out['cls_token'] + out['pos_embed'][:, :1]
-    out['pos_embed'] = out['pos_embed'][:, 1:]
-  return out
 
 
 def tokens_count(h, w):
@@ -90,7 +41,7 @@ def tokens_count(h, w):
 
 def main():
   for case, registers in (('vits14', 0), ('vits14_reg', 4)):
-    official = formula(case)
+    official = golden_weights.dinov2(case)
     common = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                   image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6, qkv_bias=True)
     if registers:
@@ -101,12 +52,13 @@ def main():
     # Through a hub-layout snapshot, as users load one (transformers 5 renames the arrays in memory).
     with tempfile.TemporaryDirectory() as snapshot:
       config.save_pretrained(snapshot)
-      safetensors.torch.save_file(as_transformers(official), os.path.join(snapshot, 'model.safetensors'))
+      safetensors.torch.save_file(torch_arrays(golden_weights.as_transformers(official)),
+                                   os.path.join(snapshot, 'model.safetensors'))
       hf, info = model_class.from_pretrained(snapshot, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched key
     name = 'vit_small_patch14_reg4_dinov2' if registers else 'vit_small_patch14_dinov2'
     tm = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-    tm.load_state_dict(as_timm(official), strict=True)
+    tm.load_state_dict(torch_arrays(golden_weights.as_timm(official)), strict=True)
     outputs = {'transformers': {}, 'timm': {}}
     for h, w in SIZES:
       image = torch.tensor(np.random.default_rng(0).standard_normal((1, 3, h, w)), dtype=torch.float32)

@@ -9,44 +9,25 @@ torchvision_resnet101_state_dict_spec.json's formula (shared/golden), the input 
 (sin(0.05 * arange) over [1, 3, 96, 128]). Saved: layer2, layer3, layer4 (NCHW) and the logits.
 """
 
-import json
 import os
+import sys
 
 import numpy as np
 import timm
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # tests/: the formula weights the tests use too
+import golden_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def formula():
-  with open(os.path.join(HERE, 'torchvision_resnet101_state_dict_spec.json')) as f:
-    spec = json.load(f)
-  out = {}
-  for i, (key, shape) in enumerate(spec):
-    n = int(np.prod(shape)) if shape else 1
-    base = np.sin(0.7 * np.arange(n) + 1.3 * i).reshape(shape)
-    if key.endswith('num_batches_tracked'):
-      value = np.zeros(shape, np.int64)
-    elif len(shape) > 1:
-      value = base / np.sqrt(np.prod(shape[1:]))
-    elif key.endswith('running_var'):
-      value = 1 + 0.5 * base**2
-    elif key.endswith('running_mean'):
-      value = 0.1 * base
-    elif key.endswith('bn3.weight'):
-      value = 0.2 * (1 + 0.1 * base)
-    elif key.endswith('.weight'):
-      value = 1 + 0.1 * base
-    else:
-      value = 0.1 * base
-    out[key] = torch.tensor(value.astype(np.float32) if value.dtype == np.float64 else value)
-  return out
+def torch_arrays(state):
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
 def main():
   model = timm.create_model('resnet101', pretrained=False).eval()
-  model.load_state_dict(formula(), strict=True)
+  model.load_state_dict(torch_arrays(golden_weights.resnet101()), strict=True)
   image = torch.tensor(np.sin(0.05 * np.arange(3 * 96 * 128)).reshape(1, 3, 96, 128), dtype=torch.float32)
   outputs = {}
   with torch.no_grad():
