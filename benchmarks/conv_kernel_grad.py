@@ -54,7 +54,8 @@ def main():
                                          for i in range(3) for j in range(3)])
   rows = [
       ('XLA forward convolution', median_ms(conv, x, kernel)),
-      ('XLA input gradient', median_ms(lambda x, k, dy: jax.vjp(lambda x: conv(x, k), x)[1](dy), x, kernel, dy)),
+      ('XLA input gradient', median_ms(lambda x, k, dy: jax.vjp(lambda x: conv(x, k), x)[1](dy), x, kernel,
+                                       dy)),
       ('XLA kernel gradient', median_ms(lambda x, k, dy: jax.vjp(lambda k: conv(x, k), k)[1](dy), x, kernel,
                                         dy)),
       ('a matrix product of the same FLOPs', median_ms(lambda x, dy: x.reshape(-1, c).T @ dy.reshape(-1, c),

@@ -13,8 +13,9 @@ image, so a crop never shows anything outside the image.
 Each image's crop is decided by its own box: when only the source's box is small (or only the target's),
 that image is enlarged and the other is left whole. The small object then moves toward the other's size,
 where cropping both would enlarge the large one too and keep them further apart
-(tests/test_kbc.py::test_only_the_small_side_is_enlarged_which_brings_the_scales_together). Everything here is jit-compatible with static
-output shapes.
+(tests/test_kbc.py::test_only_the_small_side_is_enlarged_which_brings_the_scales_together).
+
+Everything here is jit-compatible with static output shapes.
 """
 
 from typing import NamedTuple

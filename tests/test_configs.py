@@ -14,7 +14,8 @@ import pytest
 from misc_jax import state as state_lib
 
 CONFIGS = ['synthetic', 'synthetic:long', 'synthetic:pretrain', 'synthetic:pretrain_kbc', 'synthetic:scratch',
-           'kbcnet_spair', 'kbcnet_spair:hires', 'kbcnet_spair:stride8', 'kbcnet_pfpascal', 'kbcnet_pfwillow', 'misc210k_dualpath',
+           'kbcnet_spair', 'kbcnet_spair:hires', 'kbcnet_spair:stride8', 'kbcnet_pfpascal', 'kbcnet_pfwillow',
+           'misc210k_dualpath',
            'kbcnet_dinov2_spair', 'dinov2_zero_shot:spair71k', 'dinov2_zero_shot:pf_pascal,ours',
            'misc210k_dualpath:dinov2']
 

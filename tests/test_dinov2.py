@@ -159,7 +159,8 @@ def test_layouts_that_do_not_fit_are_refused_naming_a_key(tmp_path):
     convert_dinov2.to_official(hf)
   giant = {'cls_token': np.zeros((1, 1, 1536)), 'pos_embed': np.zeros((1, 1370, 1536)),
            'patch_embed.proj.weight': np.zeros((1536, 3, 14, 14)),
-           'blocks.0.mlp.fc1.weight': np.zeros((8192, 1536)), 'blocks.0.mlp.fc2.weight': np.zeros((1536, 4096))}
+           'blocks.0.mlp.fc1.weight': np.zeros((8192, 1536)),
+           'blocks.0.mlp.fc2.weight': np.zeros((1536, 4096))}
   kind, state = convert_dinov2.to_official(giant)  # timm's packed SwiGLU: fc1 / fc2 are w12 / w3
   assert kind == 'timm' and {'blocks.0.mlp.w12.weight', 'blocks.0.mlp.w3.weight'} <= set(state)
   hf_giant = {'embeddings.patch_embeddings.projection.weight': giant['patch_embed.proj.weight'],
@@ -206,8 +207,8 @@ def test_scanned_blocks_compute_what_the_unrolled_blocks_do(tmp_path):
   unrolled = dinov2.DinoV2(**vit).init(jax.random.key(0), images)
   scan_config = ml_collections.ConfigDict({'scan_blocks': True})
   stacked = dinov2.weights_layout(unrolled, scan_config)
-  assert 'blocks_0' not in stacked['params'] and stacked['params']['blocks']['attn']['qkv']['kernel'].shape == (
-      3, 32, 96)
+  assert 'blocks_0' not in stacked['params']
+  assert stacked['params']['blocks']['attn']['qkv']['kernel'].shape == (3, 32, 96)
   back = dinov2.weights_layout(stacked, ml_collections.ConfigDict({'scan_blocks': False}))
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, unrolled))
   assert jax.tree.structure(jax.eval_shape(dinov2.DinoV2(**vit, scan=True).init, jax.random.key(0), images)

@@ -191,7 +191,8 @@ def pair_records(batch, out, config):
         match = match_instances(iou)
         rec['iou_sum'][n] += sum(iou[m, g] for g, m in enumerate(match) if m >= 0)
         rec['truths'][n] += len(truths)
-        rec['jaccard_sum'][n] += mask_iou(masks[keep].any(0, keepdims=True), truths.any(0, keepdims=True))[0, 0]
+        union = lambda m: m.any(0, keepdims=True)  # every instance's mask as one foreground
+        rec['jaccard_sum'][n] += mask_iou(union(masks[keep]), union(truths))[0, 0]
         rec['images'][n] += 1
         if s == 1:
           assigned = np.where(match >= 0, preds[np.maximum(match, 0)] if len(preds) else -1, -1)

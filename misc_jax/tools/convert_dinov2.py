@@ -1,7 +1,7 @@
 r"""Converts a DINOv2 checkpoint into a backbone for `config.model.backbone_init`.
 
   python -m misc_jax.tools.convert_dinov2 dinov2_vitb14_pretrain.pth ~/weights/vitb14.msgpack
-  python -m misc_jax.tools.convert_dinov2 ~/hf/dinov2-base ~/weights/vitb14.msgpack   # a Hugging Face snapshot
+  python -m misc_jax.tools.convert_dinov2 ~/hf/dinov2-base ~/weights/vitb14.msgpack  # a HF snapshot
 
 IN is a checkpoint of any size, with or without registers, in one of three layouts, detected from its keys
 and logged:
@@ -88,7 +88,8 @@ def to_official(state: dict) -> tuple[str, dict]:
       pos = state['pos_embed']
       state['pos_embed'] = np.concatenate([np.zeros_like(pos[:, :1]), pos], 1)
     fc1 = state.get('blocks.0.mlp.fc1.weight')
-    if fc1 is not None and fc1.shape[0] != 4 * state['cls_token'].shape[-1]:  # the giant's packed SwiGLU: timm's fc1 / fc2 are the official w12 / w3
+    if fc1 is not None and fc1.shape[0] != 4 * state['cls_token'].shape[-1]:
+      # the giant's packed SwiGLU: timm's fc1 / fc2 are the official w12 / w3
       state = {re.sub(r'mlp\.fc1\.', 'mlp.w12.', re.sub(r'mlp\.fc2\.', 'mlp.w3.', k)): v
                for k, v in state.items()}
   if 'mask_token' not in state:  # used only by DINOv2's own training; timm drops it

@@ -5,9 +5,9 @@ r"""Tunes KBC's settings on a validation split of a trained run: every combinati
 
 KBC's settings are not given by the paper; the configs' values were chosen on the synthetic data's
 validation split and must be tuned on each benchmark's validation split (never its test split) before a
-test number is reported. On the synthetic demo `coarse_radius` and `passes` mattered most (docs/kbc.md). Writes WORKDIR/eval/kbc_sweep_<split>.md (a table, best PCK@0.1 first,
-with KBC off for reference) and the same as JSON; then set the best values in the config or with
-`--config.kbc.<field>=...`.
+test number is reported. On the synthetic demo `coarse_radius` and `passes` mattered most (docs/kbc.md).
+Writes WORKDIR/eval/kbc_sweep_<split>.md (a table, best PCK@0.1 first, with KBC off for reference) and the
+same as JSON; then set the best values in the config or with `--config.kbc.<field>=...`.
 """
 
 import itertools
