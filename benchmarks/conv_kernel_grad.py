@@ -10,23 +10,16 @@ taps taken on the 6D volume [B, Ha, Wa, Hb * Wb, C] without transposing it (docs
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import ops  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/ops.py, beside this file)
 
-def median_ms(fn, *args, reps: int = 7) -> float:
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+
+def median_ms(fn, *args) -> float:
+  return 1e3 * ops.bench(fn, *args, reps=7)[0]
 
 
 def main():

@@ -283,22 +283,22 @@ def predict_keypoints(out, kps, valid, image_size: int, *, grid: grids.Grid, tra
   vol = correlation.as_volume(scores)  # [B, Ha, Wa, Hb, Wb]
   hb, wb = vol.shape[3:]
   positions = (grid.centres(hb), grid.centres(wb))  # the target cells' pixel centres
-  if transfer == 'soft_argmax':
-    coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, positions)
-  elif transfer == 'kernel_soft_argmax':
-    coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, positions)
-  elif transfer == 'local_soft_argmax':
-    coords = soft_argmax.local_soft_argmax(vol, beta, sigma, positions)
-  elif transfer not in ('argmax', 'windowed_soft_argmax'):
-    raise ValueError(f'unknown transfer {transfer!r}; expected one of {TRANSFERS}')
-  if transfer in ('argmax', 'windowed_soft_argmax'):
+  if transfer in ('argmax', 'windowed_soft_argmax'):  # keypoint first: its own score row
     b, ha, wa = vol.shape[:3]
     cells = jnp.clip(grid.to_cells(kps), 0, jnp.array([wa - 1, ha - 1]))  # interpolate, never extrapolate
     rows = soft_argmax.interpolate_at_cells(vol.reshape(b, ha, wa, hb * wb), cells, valid)
     pred = soft_argmax.keypoint_argmax(rows.reshape(*rows.shape[:2], hb, wb), positions, beta,
                                        window if transfer == 'windowed_soft_argmax' else 0.)
-  else:
-    pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)  # read at each keypoint
+  else:  # per source cell, then read at each keypoint
+    if transfer == 'soft_argmax':
+      coords = soft_argmax.soft_argmax(vol.transpose(0, 3, 4, 1, 2), beta, positions)
+    elif transfer == 'kernel_soft_argmax':
+      coords = soft_argmax.kernel_soft_argmax(vol / beta, sigma, positions)
+    elif transfer == 'local_soft_argmax':
+      coords = soft_argmax.local_soft_argmax(vol, beta, sigma, positions)
+    else:
+      raise ValueError(f'unknown transfer {transfer!r}; expected one of {TRANSFERS}')
+    pred = soft_argmax.interpolate_at_cells(coords, grid.to_cells(kps), valid)
   pred = jnp.clip(pred, 0, image_size)  # the read-out extrapolates past the outer cells; stay in the image
   if refine and isinstance(out, dict) and 'fine' in out:
     b = kps.shape[0]
