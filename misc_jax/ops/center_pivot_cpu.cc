@@ -1,0 +1,355 @@
+// The centre-pivot 4D convolution on CPU, read straight off the volume: forward, input gradient, kernel
+// gradients. Built on first use by misc_jax/ops/center_pivot_cpu.py (which says why it exists and when it
+// is used); that file's XLA formulation is the definition this code must equal.
+//
+// Volume x [B, Ha, Wa, Hb, Wb, C] (row-major, float32); kernels ka [k0, k1, C, O] (source dims) and
+// kb [k2, k3, C, O] (target dims); strides s[4], padding p[4]. Output y [B, Ha', Wa', Hb', Wb', O]:
+//   y[b, a0, a1, b0, b1] =   sum_{i, j} x[b, a0 s0 + i - p0, a1 s1 + j - p1, b0 s2, b1 s3] . ka[i, j]
+//                          + sum_{i, j} x[b, a0 s0, a1 s1, b0 s2 + i - p2, b1 s3 + j - p3] . kb[i, j]
+// (zero outside the volume; biases are added by the caller). Every output is written once and no
+// transposed copy of the volume is made, which is where XLA's two 2D convolutions lose their time.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// One register of floats (GCC's vector extension): 16 with AVX-512, else 8 (two SSE registers on CPUs
+// without AVX). Written out because the compiler's own vectorisation of these loops shuffled lanes
+// instead of multiplying them.
+#ifdef __AVX512F__
+typedef float Vec __attribute__((vector_size(64)));
+#else
+typedef float Vec __attribute__((vector_size(32)));
+#endif
+
+template <typename V>
+constexpr int kLanes = sizeof(V) / sizeof(float);
+
+template <typename V>
+inline V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V>
+inline void AddTo(float* p, V v) {
+  V u = Load<V>(p) + v;
+  std::memcpy(p, &u, sizeof u);
+}
+
+struct Geometry {
+  int64_t in[5];   // B, Ha, Wa, Hb, Wb of the volume
+  int64_t out[5];  // the same of the output
+  int64_t c, o;    // channels in, out
+  int64_t k[4], s[4], p[4];
+};
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> ka,
+                      ffi::Span<const int64_t> kb, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> padding) {
+  Geometry g;
+  for (int d = 0; d < 5; ++d) g.in[d] = x[d], g.out[d] = y[d];
+  g.c = x[5], g.o = y[5];
+  g.k[0] = ka[0], g.k[1] = ka[1], g.k[2] = kb[0], g.k[3] = kb[1];
+  for (int d = 0; d < 4; ++d) g.s[d] = strides[d], g.p[d] = padding[d];
+  return g;
+}
+
+// Runs f(lo, hi) over [0, n) split into `threads` contiguous ranges, one per thread.
+template <typename F>
+void ParallelFor(int64_t n, int64_t threads, F f) {
+  threads = std::max<int64_t>(1, std::min(threads, n));
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(f, n * t / threads, n * (t + 1) / threads);
+  f(0, n / threads);
+  for (auto& w : workers) w.join();
+}
+
+// The source index, along a convolved dim, that output index q reads at tap t (forward: q s + t - p), or
+// that input index q is read from (transposed: (q + p - t) / s when s divides it); -1 when there is none.
+template <bool kTransposed>
+inline int64_t Source(int64_t q, int64_t t, int64_t s, int64_t p, int64_t size) {
+  int64_t a;
+  if (kTransposed) {
+    const int64_t num = q + p - t;
+    if (num < 0 || num % s) return -1;
+    a = num / s;
+  } else {
+    a = q * s + t - p;
+  }
+  return a >= 0 && a < size ? a : -1;
+}
+
+// P cells along the last dim (first, first + spacing, ...; `count` <= P of them), outputs
+// [o0, o0 + NV lanes of V): acc[p] = sum over both branches' taps and the reduced channels of src . w. Cells without a
+// source at a tap read `zeros`, so the inner loop has no branch and the accumulators stay in registers.
+// `w` is [k, k, n, ld] per branch with the reduced channel (n) second to last; columns [wcol, ...) are
+// read, and the first `lanes` of the NV vectors are written to dst's channels [o0, o0 + lanes).
+template <int P, typename V, int NV, bool kTransposed>
+void Segment(const float* __restrict src, float* __restrict dst, const float* const w[2], int64_t ld,
+             int64_t wcol, const Geometry& g, const int64_t cell[4], int64_t first, int64_t spacing, int64_t count,
+             int64_t o0, int64_t lanes, const float* zeros) {
+  const int64_t* sdim = kTransposed ? g.out : g.in;  // src: the volume (forward) or dy (transposed)
+  const int64_t n = kTransposed ? g.o : g.c, m = kTransposed ? g.c : g.o;
+  int64_t step[5];  // src strides along dims 0..4
+  step[4] = n;
+  for (int d = 3; d >= 0; --d) step[d] = step[d + 1] * sdim[d + 1];
+  V acc[P][NV] = {};
+  const float* from[P];
+  for (int branch = 0; branch < 2; ++branch) {
+    // Source branch: taps over dims 1, 2 at the cell's strided dims 3, 4; target branch the other way.
+    const int d0 = branch == 0 ? 1 : 3;
+    const int64_t ki = g.k[d0 - 1], kj = g.k[d0];
+    for (int64_t i = 0; i < ki; ++i) {
+      for (int64_t j = 0; j < kj; ++j) {
+        // The source cell at this tap along dims 1..3, shared by the P cells; a tap that falls outside
+        // there adds nothing to any of them.
+        int64_t base = cell[0] * step[0];
+        bool inside = true;
+        for (int t = 0; t < 3 && inside; ++t) {
+          const int d = t + 1;
+          int64_t at;
+          if (d == d0 || d == d0 + 1) {
+            at = Source<kTransposed>(cell[d], d == d0 ? i : j, g.s[t], g.p[t], sdim[d]);
+          } else if (kTransposed) {  // a strided dim: read only where the stride divides
+            at = cell[d] % g.s[t] ? -1 : cell[d] / g.s[t];
+          } else {
+            at = cell[d] * g.s[t];
+          }
+          inside = at >= 0 && at < sdim[d];
+          base += at * step[d];
+        }
+        if (!inside) continue;
+        // Dim 4 for each of the P cells.
+        bool any = false;
+        for (int p = 0; p < P; ++p) {
+          const int64_t q = first + spacing * p;
+          int64_t at = -1;
+          if (p < count) {
+            if (d0 == 3) {
+              at = Source<kTransposed>(q, j, g.s[3], g.p[3], sdim[4]);
+            } else if (kTransposed) {
+              at = q % g.s[3] ? -1 : q / g.s[3];
+            } else {
+              at = q * g.s[3];
+            }
+          }
+          const bool ok = at >= 0 && at < sdim[4];
+          from[p] = ok ? src + base + at * step[4] : zeros;
+          any |= ok;
+        }
+        if (!any) continue;
+        const float* wt = w[branch] + (i * kj + j) * n * ld + wcol;
+        for (int64_t c = 0; c < n; ++c) {
+          V wc[NV];
+          for (int v = 0; v < NV; ++v) wc[v] = Load<V>(wt + c * ld + v * kLanes<V>);
+          for (int p = 0; p < P; ++p) {
+            const V x = V{} + from[p][c];
+            for (int v = 0; v < NV; ++v) acc[p][v] += x * wc[v];
+          }
+        }
+      }
+    }
+  }
+  for (int p = 0; p < count; ++p) std::memcpy(dst + spacing * p * m + o0, &acc[p][0], lanes * sizeof(float));
+}
+
+template <bool kTransposed, int P, typename V, int NV>
+void Segments(const float* src, float* row, const float* const w[2], int64_t ld, int64_t wcol, const Geometry& g,
+              const int64_t cell[4], int64_t o0, int64_t lanes, const float* zeros) {
+  const int64_t last = (kTransposed ? g.in : g.out)[4], m = kTransposed ? g.c : g.o;
+  // The input gradient under a stride s along the last dim: s interleaved phases of cells s apart, which
+  // share the taps that reach them (forward: one phase of consecutive cells).
+  const int64_t spacing = kTransposed ? g.s[3] : 1;
+  for (int64_t phase = 0; phase < spacing; ++phase) {
+    const int64_t cells = (last - phase + spacing - 1) / spacing;
+    for (int64_t k = 0; k < cells; k += P) {
+      const int64_t first = phase + k * spacing;
+      Segment<P, V, NV, kTransposed>(src, row + first * m, w, ld, wcol, g, cell, first, spacing,
+                                     std::min<int64_t>(P, cells - k), o0, lanes, zeros);
+    }
+  }
+}
+
+template <bool kTransposed>
+void Gather(const float* src, float* dst, const float* const w[2], const Geometry& g, int64_t threads) {
+  const int64_t* ddim = kTransposed ? g.in : g.out;  // dst: the output (forward) or dx (transposed)
+  const int64_t n = kTransposed ? g.o : g.c, m = kTransposed ? g.c : g.o;
+  const std::vector<float> zeros(n, 0.f);
+  // The last m % L channels through a copy of their weight columns padded with zeros to one vector.
+  constexpr int64_t L = kLanes<Vec>;
+  const int64_t m8 = m - m % L;
+  std::vector<float> tail[2];
+  const float* tails[2];
+  for (int branch = 0; branch < 2; ++branch) {
+    const int64_t rows = g.k[2 * branch] * g.k[2 * branch + 1] * n;
+    tail[branch].assign(rows * L, 0.f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t o = m8; o < m; ++o) tail[branch][r * L + o - m8] = w[branch][r * m + o];
+    tails[branch] = tail[branch].data();
+  }
+  const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
+  ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t cell[4] = {r / (ddim[1] * ddim[2] * ddim[3]), r / (ddim[2] * ddim[3]) % ddim[1],
+                               r / ddim[3] % ddim[2], r % ddim[3]};
+      float* row = dst + r * ddim[4] * m;
+      int64_t o0 = 0;
+      // Registers: P x NV accumulators, NV weights and a broadcast (of 16 with AVX2, 32 with AVX-512).
+      constexpr int64_t L = kLanes<Vec>;
+      for (; o0 + 2 * L <= m; o0 += 2 * L)
+        Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, cell, o0, 2 * L, zeros.data());
+      for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, cell, o0, L, zeros.data());
+      if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, cell, o0, m - o0, zeros.data());
+    }
+  });
+}
+
+// Kernel gradient of one branch, one tap, channels [c0, c0 + CB) x outputs [o0, o0 + OB), over the
+// output cells of rows [lo, hi): accumulators held in registers across the cells.
+template <int CB, typename V, int NV>
+void TapGrad(const float* __restrict x, const float* __restrict dy, float* __restrict grad, const Geometry& g,
+             int branch, int64_t i, int64_t j, int64_t c0, int64_t o0, int64_t lo, int64_t hi) {
+  V acc[CB][NV] = {};
+  int64_t xstep[5], ystep[5];
+  xstep[4] = g.c, ystep[4] = g.o;
+  for (int d = 3; d >= 0; --d) xstep[d] = xstep[d + 1] * g.in[d + 1], ystep[d] = ystep[d + 1] * g.out[d + 1];
+  const int64_t shift[4] = {branch == 0 ? i - g.p[0] : 0, branch == 0 ? j - g.p[1] : 0,
+                            branch == 1 ? i - g.p[2] : 0, branch == 1 ? j - g.p[3] : 0};
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t bb = r / g.out[1], a0 = r % g.out[1];
+    const int64_t x0 = a0 * g.s[0] + shift[0];
+    if (x0 < 0 || x0 >= g.in[1]) continue;
+    for (int64_t a1 = 0; a1 < g.out[2]; ++a1) {
+      const int64_t x1 = a1 * g.s[1] + shift[1];
+      if (x1 < 0 || x1 >= g.in[2]) continue;
+      for (int64_t b0 = 0; b0 < g.out[3]; ++b0) {
+        const int64_t x2 = b0 * g.s[2] + shift[2];
+        if (x2 < 0 || x2 >= g.in[3]) continue;
+        const float* xr = x + bb * xstep[0] + x0 * xstep[1] + x1 * xstep[2] + x2 * xstep[3] + c0;
+        const float* yr = dy + bb * ystep[0] + a0 * ystep[1] + a1 * ystep[2] + b0 * ystep[3] + o0;
+        // b1's range with the fourth coordinate inside the volume.
+        const int64_t s3 = g.s[3], sh = shift[3];
+        const int64_t b1lo = sh >= 0 ? 0 : (-sh + s3 - 1) / s3;
+        const int64_t b1hi = std::min(g.out[4], (g.in[4] - 1 - sh) / s3 + 1);
+        for (int64_t b1 = b1lo; b1 < b1hi; ++b1) {
+          const float* xv = xr + (b1 * s3 + sh) * g.c;
+          const float* dv = yr + b1 * g.o;
+          V d[NV];
+          for (int v = 0; v < NV; ++v) d[v] = Load<V>(dv + v * kLanes<V>);
+          for (int c = 0; c < CB; ++c) {
+            const V x = V{} + xv[c];
+            for (int v = 0; v < NV; ++v) acc[c][v] += x * d[v];
+          }
+        }
+      }
+    }
+  }
+  float* out = grad + ((i * g.k[branch == 0 ? 1 : 3] + j) * g.c + c0) * g.o + o0;
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) AddTo<V>(out + c * g.o + v * kLanes<V>, acc[c][v]);
+}
+
+template <typename V, int NV>
+void TapGradChannels(const float* x, const float* dy, float* grad, const Geometry& g, int branch, int64_t i,
+                     int64_t j, int64_t o0, int64_t lo, int64_t hi) {
+  int64_t c0 = 0;
+  // Registers: CB x NV accumulators, NV rows of dy and a broadcast.
+  if (NV == 1)
+    for (; c0 + 16 <= g.c; c0 += 16) TapGrad<16, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
+  for (; c0 + 8 <= g.c; c0 += 8) TapGrad<8, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
+  for (; c0 + 4 <= g.c; c0 += 4) TapGrad<4, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
+  for (; c0 + 2 <= g.c; c0 += 2) TapGrad<2, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
+  for (; c0 < g.c; ++c0) TapGrad<1, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
+}
+
+void KernelGrads(const float* x, const float* dy, float* ga, float* gb, const Geometry& g, int64_t threads) {
+  const int64_t rows = g.out[0] * g.out[1];
+  threads = std::max<int64_t>(1, std::min(threads, rows));
+  const int64_t sa = g.k[0] * g.k[1] * g.c * g.o, sb = g.k[2] * g.k[3] * g.c * g.o;
+  std::vector<std::vector<float>> parts(threads, std::vector<float>(sa + sb, 0.f));
+  auto work = [&](int64_t t) {
+    const int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
+    float* grads[2] = {parts[t].data(), parts[t].data() + sa};
+    // Rows in blocks, taps inside: a block's cells stay in cache across the taps.
+    const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.out[2] * g.out[3] * g.out[4]));
+    for (int64_t r = lo; r < hi; r += block) {
+      const int64_t r1 = std::min(hi, r + block);
+      for (int branch = 0; branch < 2; ++branch)
+        for (int64_t i = 0; i < g.k[2 * branch]; ++i)
+          for (int64_t j = 0; j < g.k[2 * branch + 1]; ++j) {
+            int64_t o0 = 0;
+            constexpr int64_t L = kLanes<Vec>;
+            for (; o0 + 2 * L <= g.o; o0 += 2 * L)
+              TapGradChannels<Vec, 2>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+            for (; o0 + L <= g.o; o0 += L) TapGradChannels<Vec, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+            for (; o0 < g.o; ++o0) TapGradChannels<float, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+          }
+    }
+  };
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(work, t);
+  work(0);
+  for (auto& w : workers) w.join();
+  for (int64_t e = 0; e < sa + sb; ++e) {
+    float v = 0.f;
+    for (int64_t t = 0; t < threads; ++t) v += parts[t][e];
+    (e < sa ? ga[e] : gb[e - sa]) = v;
+  }
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ka, ffi::Buffer<ffi::F32> kb,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding, int64_t threads) {
+  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), ka.dimensions(), kb.dimensions(), strides,
+                                  padding);
+  const float* w[2] = {ka.typed_data(), kb.typed_data()};
+  Gather<false>(x.typed_data(), y->typed_data(), w, g, threads);
+  return ffi::Error::Success();
+}
+
+// kat, kbt: the kernels with their channel axes swapped, [k, k, O, C].
+ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kat, ffi::Buffer<ffi::F32> kbt,
+                     ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
+                     ffi::Span<const int64_t> padding, int64_t threads) {
+  auto kad = kat.dimensions(), kbd = kbt.dimensions();
+  const int64_t ka_shape[4] = {kad[0], kad[1], kad[3], kad[2]}, kb_shape[4] = {kbd[0], kbd[1], kbd[3], kbd[2]};
+  const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), ffi::Span<const int64_t>(ka_shape, 4),
+                                  ffi::Span<const int64_t>(kb_shape, 4), strides, padding);
+  const float* w[2] = {kat.typed_data(), kbt.typed_data()};
+  Gather<true>(dy.typed_data(), dx->typed_data(), w, g, threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> ga,
+                      ffi::ResultBuffer<ffi::F32> gb, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> padding, int64_t threads) {
+  const Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), ga->dimensions(), gb->dimensions(), strides,
+                                  padding);
+  KernelGrads(x.typed_data(), dy.typed_data(), ga->typed_data(), gb->typed_data(), g, threads);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define MISC_JAX_BIND(first, second, results)                                                   \
+  ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() first second results \
+      .Attr<ffi::Span<const int64_t>>("strides")                                                  \
+      .Attr<ffi::Span<const int64_t>>("padding")                                                  \
+      .Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotForward, Forward,
+                              MISC_JAX_BIND(.Arg<ffi::Buffer<ffi::F32>>(), , .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotInputGrad, InputGrad,
+                              MISC_JAX_BIND(.Arg<ffi::Buffer<ffi::F32>>(), , .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotKernelGrad, KernelGrad,
+                              MISC_JAX_BIND(, .Ret<ffi::Buffer<ffi::F32>>(), .Ret<ffi::Buffer<ffi::F32>>()));

@@ -1,0 +1,142 @@
+"""The centre-pivot 4D convolution as one pass over the volume on CPU (`center_pivot_cpu.cc`), through
+`jax.ffi`, with its own input and kernel gradients.
+
+Why: XLA:CPU runs the centre-pivot convolution as two batched 2D convolutions, each between transposed
+copies of the 6D volume, and derives a kernel gradient for the many small images that runs at a fraction
+of the machine's matmul rate (docs/performance.md, issue 41). The kernels here read the volume in place
+for both branches, write each output once, and keep the kernel gradient's accumulators in registers.
+
+`conv(x, kernel_a, kernel_b, strides, padding)` is the definition (XLA's convolutions; every backend);
+`center_pivot(...)` computes the same on CPU with the C++ kernels when they can be used (float32, one
+device or inside `shard_map`, a C++ compiler at hand) and is `conv` everywhere else. The library is
+compiled on first use into ~/.cache/misc_jax (about 10 s), keyed by its source, jaxlib and the CPU.
+"""
+
+import functools
+import hashlib
+import os
+import pathlib
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name('center_pivot_cpu.cc')
+TARGETS = ('CenterPivotForward', 'CenterPivotInputGrad', 'CenterPivotKernelGrad')
+
+
+def conv(x, kernel_a, kernel_b, strides, padding):
+  """x [B, Ha, Wa, Hb, Wb, C], kernels [k, k, C, O] -> [B, Ha', Wa', Hb', Wb', O] without biases: the
+  source branch (kernel_a over Ha, Wa at the target cells the target stride keeps) plus the target branch
+  (kernel_b over Hb, Wb at the source cells the source stride keeps)."""
+  s, p = tuple(strides), tuple(padding)
+  conv2d = lambda v, k, st, pad: jax.lax.conv_general_dilated(
+      v, k.astype(v.dtype), st, [(q, q) for q in pad], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  b, ha, wa, hb, wb, c = x.shape
+  xa = x[:, :, :, ::s[2], ::s[3]]
+  hb2, wb2 = xa.shape[3:5]
+  ya = conv2d(xa.transpose(0, 3, 4, 1, 2, 5).reshape(b * hb2 * wb2, ha, wa, c), kernel_a, s[:2], p[:2])
+  ya = ya.reshape(b, hb2, wb2, *ya.shape[1:]).transpose(0, 3, 4, 1, 2, 5)
+  xb = x[:, ::s[0], ::s[1]]
+  yb = conv2d(xb.reshape(-1, hb, wb, c), kernel_b, s[2:], p[2:])
+  yb = yb.reshape(*xb.shape[:3], *yb.shape[1:])
+  if ya.shape != yb.shape:
+    raise ValueError(f'the branches disagree: {ya.shape} and {yb.shape} (strides {s}, padding {p})')
+  return ya + yb
+
+
+def _compile(out: pathlib.Path):
+  include = jax.ffi.include_dir()
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    lib = pathlib.Path(tmp) / out.name
+    subprocess.run(['c++', '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{include}',
+                    str(SOURCE), '-o', str(lib), '-lpthread'], check=True, capture_output=True, text=True)
+    os.replace(lib, out)  # atomic: a concurrent process sees the whole library or none
+
+
+def _cpu_flags() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    return ''
+
+
+@functools.cache
+def _library_loaded() -> bool:
+  """Compiles (once per source, jaxlib and CPU) and registers the kernels; False if that fails."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256(SOURCE.read_bytes() + jax.lib.__version__.encode() + _cpu_flags().encode())
+  cache = pathlib.Path(os.environ.get('MISC_JAX_CACHE', pathlib.Path.home() / '.cache' / 'misc_jax'))
+  out = cache / f'center_pivot_cpu-{key.hexdigest()[:16]}.so'
+  try:
+    if not out.exists():
+      cache.mkdir(parents=True, exist_ok=True)
+      _compile(out)
+    lib = ctypes.cdll.LoadLibrary(str(out))
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = getattr(e, 'stderr', '') or e
+    logging.warning('center_pivot_cpu: the C++ kernels are not available (%s); using XLA\'s convolutions',
+                    str(detail)[-2000:])
+    return False
+  for name in TARGETS:
+    jax.ffi.register_ffi_target(f'misc_jax_{name}', jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+  return True
+
+
+def _threads() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def _call(name, out_shapes, *args, strides, padding):
+  return jax.ffi.ffi_call(f'misc_jax_{name}', out_shapes, vmap_method='sequential')(
+      *args, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64),
+      threads=np.int64(_threads()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ffi_conv(x, kernel_a, kernel_b, strides, padding):
+  out = jax.eval_shape(lambda: conv(x, kernel_a, kernel_b, strides, padding))
+  return _call('CenterPivotForward', out, x, kernel_a, kernel_b, strides=strides, padding=padding)
+
+
+def _ffi_conv_fwd(x, kernel_a, kernel_b, strides, padding):
+  return _ffi_conv(x, kernel_a, kernel_b, strides, padding), (x, kernel_a, kernel_b)
+
+
+def _ffi_conv_bwd(strides, padding, residuals, dy):
+  x, kernel_a, kernel_b = residuals
+  dx = _call('CenterPivotInputGrad', jax.ShapeDtypeStruct(x.shape, x.dtype), dy, kernel_a.swapaxes(2, 3),
+             kernel_b.swapaxes(2, 3), strides=strides, padding=padding)
+  shapes = (jax.ShapeDtypeStruct(kernel_a.shape, kernel_a.dtype),
+            jax.ShapeDtypeStruct(kernel_b.shape, kernel_b.dtype))
+  da, db = _call('CenterPivotKernelGrad', shapes, x, dy, strides=strides, padding=padding)
+  return dx, da, db
+
+
+_ffi_conv.defvjp(_ffi_conv_fwd, _ffi_conv_bwd)
+
+
+def usable(x, kernel_a, kernel_b) -> bool:
+  """Whether the C++ kernels can compute this call: float32 throughout, no other device's data in the
+  program (one device, or the per-device body of a shard_map), and a library that built."""
+  if any(v.dtype != jnp.float32 for v in (x, kernel_a, kernel_b)):
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.size > 1 and not mesh.manual_axes:
+    return False  # XLA would gather the whole volume onto every device around a custom call
+  return _library_loaded()
+
+
+def center_pivot(x, kernel_a, kernel_b, strides, padding):
+  """`conv`, computed by the C++ kernels on CPU where `usable`."""
+  strides, padding = tuple(strides), tuple(padding)
+  if not usable(x, kernel_a, kernel_b):
+    return conv(x, kernel_a, kernel_b, strides, padding)
+  return jax.lax.platform_dependent(
+      x, kernel_a, kernel_b,
+      cpu=lambda *a: _ffi_conv(*a, strides, padding),
+      default=lambda *a: conv(*a, strides, padding))
