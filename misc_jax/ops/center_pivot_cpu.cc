@@ -89,12 +89,16 @@ inline int64_t Source(int64_t q, int64_t t, int64_t s, int64_t p, int64_t size) 
   return a >= 0 && a < size ? a : -1;
 }
 
-// P cells along the last dim (first, first + spacing, ...; `count` <= P of them), outputs
-// [o0, o0 + NV lanes of V): acc[p] = sum over both branches' taps and the reduced channels of src . w. Cells without a
-// source at a tap read `zeros`, so the inner loop has no branch and the accumulators stay in registers.
-// `w` is [k, k, n, ld] per branch with the reduced channel (n) second to last; columns [wcol, ...) are
-// read, and the first `lanes` of the NV vectors are written to dst's channels [o0, o0 + lanes).
-template <int P, typename V, int NV, bool kTransposed>
+// P cells along the last dim (first, first + spacing, ...; `count` <= P of them): dst = the sum over both
+// branches' taps of src . w. Cells without a source at a tap read `zeros`, so the inner loops have no
+// branch and the accumulators stay in registers. Two ways to vectorise:
+// - wide (NV vectors of outputs): `w` is [k, k, n, ld] per branch, the reduced channel (n) second to
+//   last; columns [wcol, ...) are read and the first `lanes` of the NV vectors go to dst's channels
+//   [o0, o0 + lanes). Each source value is broadcast against a row of weights.
+// - narrow (kNarrow: NV = m outputs, fewer than a vector; n a multiple of the lanes): `w` is
+//   [k, k, m, n], and vectors run along the reduced channels, summed across lanes once at the end. For the
+//   input gradient into 3 channels, where a wide vector would be mostly padding.
+template <int P, typename V, int NV, bool kTransposed, bool kNarrow = false>
 void Segment(const float* __restrict src, float* __restrict dst, const float* const w[2], int64_t ld,
              int64_t wcol, const Geometry& g, const int64_t cell[4], int64_t first, int64_t spacing, int64_t count,
              int64_t o0, int64_t lanes, const float* zeros) {
@@ -129,41 +133,60 @@ void Segment(const float* __restrict src, float* __restrict dst, const float* co
           base += at * step[d];
         }
         if (!inside) continue;
-        // Dim 4 for each of the P cells.
+        // Dim 4: the P cells' sources are `delta` apart from the first one's, at0 (no division per cell).
+        int64_t at0, delta;
+        if (kTransposed) {  // cells `spacing` = s3 apart: the stride divides all of them or none
+          const int64_t s3 = g.s[3], num = first + (d0 == 3 ? g.p[3] - j : 0);
+          if (((num % s3) + s3) % s3) continue;
+          at0 = (num - ((num % s3) + s3) % s3) / s3, delta = 1;
+        } else {
+          at0 = first * g.s[3] + (d0 == 3 ? j - g.p[3] : 0), delta = g.s[3];
+        }
         bool any = false;
         for (int p = 0; p < P; ++p) {
-          const int64_t q = first + spacing * p;
-          int64_t at = -1;
-          if (p < count) {
-            if (d0 == 3) {
-              at = Source<kTransposed>(q, j, g.s[3], g.p[3], sdim[4]);
-            } else if (kTransposed) {
-              at = q % g.s[3] ? -1 : q / g.s[3];
-            } else {
-              at = q * g.s[3];
-            }
-          }
-          const bool ok = at >= 0 && at < sdim[4];
+          const int64_t at = at0 + p * delta;
+          const bool ok = p < count && at >= 0 && at < sdim[4];
           from[p] = ok ? src + base + at * step[4] : zeros;
           any |= ok;
         }
         if (!any) continue;
+        if constexpr (kNarrow) {
+          const float* wt = w[branch] + (i * kj + j) * NV * n;
+          for (int64_t c = 0; c < n; c += kLanes<V>) {
+            V wc[NV];
+            for (int v = 0; v < NV; ++v) wc[v] = Load<V>(wt + v * n + c);
+            for (int p = 0; p < P; ++p) {
+              const V x = Load<V>(from[p] + c);
+              for (int v = 0; v < NV; ++v) acc[p][v] += x * wc[v];
+            }
+          }
+          continue;
+        }
         const float* wt = w[branch] + (i * kj + j) * n * ld + wcol;
         for (int64_t c = 0; c < n; ++c) {
           V wc[NV];
           for (int v = 0; v < NV; ++v) wc[v] = Load<V>(wt + c * ld + v * kLanes<V>);
           for (int p = 0; p < P; ++p) {
-            const V x = V{} + from[p][c];
+            const V x = from[p][c] - V{};  // a broadcast (x - 0 is x, and compiles to nothing)
             for (int v = 0; v < NV; ++v) acc[p][v] += x * wc[v];
           }
         }
       }
     }
   }
-  for (int p = 0; p < count; ++p) std::memcpy(dst + spacing * p * m + o0, &acc[p][0], lanes * sizeof(float));
+  if constexpr (kNarrow) {
+    for (int p = 0; p < count; ++p)
+      for (int v = 0; v < NV; ++v) {
+        float sum = 0.f;
+        for (int l = 0; l < kLanes<V>; ++l) sum += acc[p][v][l];
+        dst[spacing * p * m + v] = sum;
+      }
+  } else {
+    for (int p = 0; p < count; ++p) std::memcpy(dst + spacing * p * m + o0, &acc[p][0], lanes * sizeof(float));
+  }
 }
 
-template <bool kTransposed, int P, typename V, int NV>
+template <bool kTransposed, int P, typename V, int NV, bool kNarrow = false>
 void Segments(const float* src, float* row, const float* const w[2], int64_t ld, int64_t wcol, const Geometry& g,
               const int64_t cell[4], int64_t o0, int64_t lanes, const float* zeros) {
   const int64_t last = (kTransposed ? g.in : g.out)[4], m = kTransposed ? g.c : g.o;
@@ -174,7 +197,7 @@ void Segments(const float* src, float* row, const float* const w[2], int64_t ld,
     const int64_t cells = (last - phase + spacing - 1) / spacing;
     for (int64_t k = 0; k < cells; k += P) {
       const int64_t first = phase + k * spacing;
-      Segment<P, V, NV, kTransposed>(src, row + first * m, w, ld, wcol, g, cell, first, spacing,
+      Segment<P, V, NV, kTransposed, kNarrow>(src, row + first * m, w, ld, wcol, g, cell, first, spacing,
                                      std::min<int64_t>(P, cells - k), o0, lanes, zeros);
     }
   }
@@ -197,12 +220,33 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       for (int64_t o = m8; o < m; ++o) tail[branch][r * L + o - m8] = w[branch][r * m + o];
     tails[branch] = tail[branch].data();
   }
+  // At most 4 outputs and whole vectors of reduced channels: the narrow way, with w transposed.
+  const bool narrow = m <= 4 && n % L == 0;
+  std::vector<float> transposed[2];
+  const float* columns[2];
+  for (int branch = 0; branch < 2 && narrow; ++branch) {
+    const int64_t taps = g.k[2 * branch] * g.k[2 * branch + 1];
+    transposed[branch].resize(taps * n * m);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < n; ++c)
+        for (int64_t o = 0; o < m; ++o) transposed[branch][(t * m + o) * n + c] = w[branch][(t * n + c) * m + o];
+    columns[branch] = transposed[branch].data();
+  }
   const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
   ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t cell[4] = {r / (ddim[1] * ddim[2] * ddim[3]), r / (ddim[2] * ddim[3]) % ddim[1],
                                r / ddim[3] % ddim[2], r % ddim[3]};
       float* row = dst + r * ddim[4] * m;
+      if (narrow) {
+        switch (m) {
+          case 1: Segments<kTransposed, 12, Vec, 1, true>(src, row, columns, 0, 0, g, cell, 0, 1, zeros.data()); break;
+          case 2: Segments<kTransposed, 8, Vec, 2, true>(src, row, columns, 0, 0, g, cell, 0, 2, zeros.data()); break;
+          case 3: Segments<kTransposed, 6, Vec, 3, true>(src, row, columns, 0, 0, g, cell, 0, 3, zeros.data()); break;
+          default: Segments<kTransposed, 4, Vec, 4, true>(src, row, columns, 0, 0, g, cell, 0, 4, zeros.data());
+        }
+        continue;
+      }
       int64_t o0 = 0;
       // Registers: P x NV accumulators, NV weights and a broadcast (of 16 with AVX2, 32 with AVX-512).
       constexpr int64_t L = kLanes<Vec>;
@@ -247,7 +291,7 @@ void TapGrad(const float* __restrict x, const float* __restrict dy, float* __res
           V d[NV];
           for (int v = 0; v < NV; ++v) d[v] = Load<V>(dv + v * kLanes<V>);
           for (int c = 0; c < CB; ++c) {
-            const V x = V{} + xv[c];
+            const V x = xv[c] - V{};
             for (int v = 0; v < NV; ++v) acc[c][v] += x * d[v];
           }
         }
