@@ -76,17 +76,72 @@ void ParallelFor(int64_t n, int64_t threads, F f) {
 
 // The source index, along a convolved dim, that output index q reads at tap t (forward: q s + t - p), or
 // that input index q is read from (transposed: (q + p - t) / s when s divides it); -1 when there is none.
+// num = s * quotient + remainder with 0 <= remainder < s (also for negative num); strides are 1 or 2
+// nearly always, and a division costs more than the work of a cell here.
+inline int64_t FloorDiv(int64_t num, int64_t s, int64_t* remainder) {
+  if (s == 1) return *remainder = 0, num;
+  if (s == 2) return *remainder = num & 1, num >> 1;  // arithmetic shift: floor
+  int64_t q = num / s, r = num % s;
+  if (r < 0) r += s, --q;
+  return *remainder = r, q;
+}
+
 template <bool kTransposed>
 inline int64_t Source(int64_t q, int64_t t, int64_t s, int64_t p, int64_t size) {
   int64_t a;
   if (kTransposed) {
     const int64_t num = q + p - t;
-    if (num < 0 || num % s) return -1;
-    a = num / s;
+    int64_t r;
+    a = FloorDiv(num, s, &r);
+    if (num < 0 || r) return -1;
   } else {
     a = q * s + t - p;
   }
   return a >= 0 && a < size ? a : -1;
+}
+
+// A tap of one branch that reaches a row of cells (dims 0..3 fixed): the offset in src of its source
+// along dims 0..3, and which tap it is (index i * kj + j within the branch's kernel).
+struct Tap {
+  int64_t base, index, j;
+  int branch;
+};
+
+// The taps of both branches that reach the row `cell` (dims 0..3), with their sources along dims 0..3.
+template <bool kTransposed>
+void RowTaps(const Geometry& g, const int64_t cell[4], std::vector<Tap>& taps) {
+  const int64_t* sdim = kTransposed ? g.out : g.in;
+  const int64_t n = kTransposed ? g.o : g.c;
+  int64_t step[5];  // src strides along dims 0..4
+  step[4] = n;
+  for (int d = 3; d >= 0; --d) step[d] = step[d + 1] * sdim[d + 1];
+  taps.clear();
+  for (int branch = 0; branch < 2; ++branch) {
+    // Source branch: taps over dims 1, 2 at the cell's strided dims 3, 4; target branch the other way.
+    const int d0 = branch == 0 ? 1 : 3;
+    const int64_t ki = g.k[d0 - 1], kj = g.k[d0];
+    for (int64_t i = 0; i < ki; ++i)
+      for (int64_t j = 0; j < kj; ++j) {
+        int64_t base = cell[0] * step[0];
+        bool inside = true;
+        for (int t = 0; t < 3 && inside; ++t) {
+          const int d = t + 1;
+          int64_t at;
+          if (d == d0 || d == d0 + 1) {
+            at = Source<kTransposed>(cell[d], d == d0 ? i : j, g.s[t], g.p[t], sdim[d]);
+          } else if (kTransposed) {  // a strided dim: read only where the stride divides
+            int64_t r;
+            at = FloorDiv(cell[d], g.s[t], &r);
+            if (r) at = -1;
+          } else {
+            at = cell[d] * g.s[t];
+          }
+          inside = at >= 0 && at < sdim[d];
+          base += at * step[d];
+        }
+        if (inside) taps.push_back({base, i * kj + j, j, branch});
+      }
+  }
 }
 
 // P cells along the last dim (first, first + spacing, ...; `count` <= P of them): dst = the sum over both
@@ -100,45 +155,24 @@ inline int64_t Source(int64_t q, int64_t t, int64_t s, int64_t p, int64_t size) 
 //   input gradient into 3 channels, where a wide vector would be mostly padding.
 template <int P, typename V, int NV, bool kTransposed, bool kNarrow = false>
 void Segment(const float* __restrict src, float* __restrict dst, const float* const w[2], int64_t ld,
-             int64_t wcol, const Geometry& g, const int64_t cell[4], int64_t first, int64_t spacing, int64_t count,
-             int64_t o0, int64_t lanes, const float* zeros) {
+             int64_t wcol, const Geometry& g, const std::vector<Tap>& taps, int64_t first, int64_t spacing,
+             int64_t count, int64_t o0, int64_t lanes, const float* zeros) {
   const int64_t* sdim = kTransposed ? g.out : g.in;  // src: the volume (forward) or dy (transposed)
   const int64_t n = kTransposed ? g.o : g.c, m = kTransposed ? g.c : g.o;
-  int64_t step[5];  // src strides along dims 0..4
-  step[4] = n;
-  for (int d = 3; d >= 0; --d) step[d] = step[d + 1] * sdim[d + 1];
   V acc[P][NV] = {};
   const float* from[P];
-  for (int branch = 0; branch < 2; ++branch) {
-    // Source branch: taps over dims 1, 2 at the cell's strided dims 3, 4; target branch the other way.
-    const int d0 = branch == 0 ? 1 : 3;
-    const int64_t ki = g.k[d0 - 1], kj = g.k[d0];
-    for (int64_t i = 0; i < ki; ++i) {
-      for (int64_t j = 0; j < kj; ++j) {
-        // The source cell at this tap along dims 1..3, shared by the P cells; a tap that falls outside
-        // there adds nothing to any of them.
-        int64_t base = cell[0] * step[0];
-        bool inside = true;
-        for (int t = 0; t < 3 && inside; ++t) {
-          const int d = t + 1;
-          int64_t at;
-          if (d == d0 || d == d0 + 1) {
-            at = Source<kTransposed>(cell[d], d == d0 ? i : j, g.s[t], g.p[t], sdim[d]);
-          } else if (kTransposed) {  // a strided dim: read only where the stride divides
-            at = cell[d] % g.s[t] ? -1 : cell[d] / g.s[t];
-          } else {
-            at = cell[d] * g.s[t];
-          }
-          inside = at >= 0 && at < sdim[d];
-          base += at * step[d];
-        }
-        if (!inside) continue;
+  for (const Tap& tap : taps) {
+    {
+      {
+        const int d0 = tap.branch == 0 ? 1 : 3, branch = tap.branch;
+        const int64_t j = tap.j, base = tap.base;
         // Dim 4: the P cells' sources are `delta` apart from the first one's, at0 (no division per cell).
         int64_t at0, delta;
         if (kTransposed) {  // cells `spacing` = s3 apart: the stride divides all of them or none
           const int64_t s3 = g.s[3], num = first + (d0 == 3 ? g.p[3] - j : 0);
-          if (((num % s3) + s3) % s3) continue;
-          at0 = (num - ((num % s3) + s3) % s3) / s3, delta = 1;
+          int64_t r;
+          at0 = FloorDiv(num, s3, &r), delta = 1;
+          if (r) continue;
         } else {
           at0 = first * g.s[3] + (d0 == 3 ? j - g.p[3] : 0), delta = g.s[3];
         }
@@ -146,12 +180,12 @@ void Segment(const float* __restrict src, float* __restrict dst, const float* co
         for (int p = 0; p < P; ++p) {
           const int64_t at = at0 + p * delta;
           const bool ok = p < count && at >= 0 && at < sdim[4];
-          from[p] = ok ? src + base + at * step[4] : zeros;
+          from[p] = ok ? src + base + at * n : zeros;
           any |= ok;
         }
         if (!any) continue;
         if constexpr (kNarrow) {
-          const float* wt = w[branch] + (i * kj + j) * NV * n;
+          const float* wt = w[branch] + tap.index * NV * n;
           for (int64_t c = 0; c < n; c += kLanes<V>) {
             V wc[NV];
             for (int v = 0; v < NV; ++v) wc[v] = Load<V>(wt + v * n + c);
@@ -162,7 +196,7 @@ void Segment(const float* __restrict src, float* __restrict dst, const float* co
           }
           continue;
         }
-        const float* wt = w[branch] + (i * kj + j) * n * ld + wcol;
+        const float* wt = w[branch] + tap.index * n * ld + wcol;
         for (int64_t c = 0; c < n; ++c) {
           V wc[NV];
           for (int v = 0; v < NV; ++v) wc[v] = Load<V>(wt + c * ld + v * kLanes<V>);
@@ -188,7 +222,7 @@ void Segment(const float* __restrict src, float* __restrict dst, const float* co
 
 template <bool kTransposed, int P, typename V, int NV, bool kNarrow = false>
 void Segments(const float* src, float* row, const float* const w[2], int64_t ld, int64_t wcol, const Geometry& g,
-              const int64_t cell[4], int64_t o0, int64_t lanes, const float* zeros) {
+              const std::vector<Tap>& taps, int64_t o0, int64_t lanes, const float* zeros) {
   const int64_t last = (kTransposed ? g.in : g.out)[4], m = kTransposed ? g.c : g.o;
   // The input gradient under a stride s along the last dim: s interleaved phases of cells s apart, which
   // share the taps that reach them (forward: one phase of consecutive cells).
@@ -197,7 +231,7 @@ void Segments(const float* src, float* row, const float* const w[2], int64_t ld,
     const int64_t cells = (last - phase + spacing - 1) / spacing;
     for (int64_t k = 0; k < cells; k += P) {
       const int64_t first = phase + k * spacing;
-      Segment<P, V, NV, kTransposed, kNarrow>(src, row + first * m, w, ld, wcol, g, cell, first, spacing,
+      Segment<P, V, NV, kTransposed, kNarrow>(src, row + first * m, w, ld, wcol, g, taps, first, spacing,
                                      std::min<int64_t>(P, cells - k), o0, lanes, zeros);
     }
   }
@@ -234,16 +268,18 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
   }
   const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
   ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
+    std::vector<Tap> taps;
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t cell[4] = {r / (ddim[1] * ddim[2] * ddim[3]), r / (ddim[2] * ddim[3]) % ddim[1],
                                r / ddim[3] % ddim[2], r % ddim[3]};
+      RowTaps<kTransposed>(g, cell, taps);
       float* row = dst + r * ddim[4] * m;
       if (narrow) {
         switch (m) {
-          case 1: Segments<kTransposed, 12, Vec, 1, true>(src, row, columns, 0, 0, g, cell, 0, 1, zeros.data()); break;
-          case 2: Segments<kTransposed, 8, Vec, 2, true>(src, row, columns, 0, 0, g, cell, 0, 2, zeros.data()); break;
-          case 3: Segments<kTransposed, 6, Vec, 3, true>(src, row, columns, 0, 0, g, cell, 0, 3, zeros.data()); break;
-          default: Segments<kTransposed, 4, Vec, 4, true>(src, row, columns, 0, 0, g, cell, 0, 4, zeros.data());
+          case 1: Segments<kTransposed, 12, Vec, 1, true>(src, row, columns, 0, 0, g, taps, 0, 1, zeros.data()); break;
+          case 2: Segments<kTransposed, 8, Vec, 2, true>(src, row, columns, 0, 0, g, taps, 0, 2, zeros.data()); break;
+          case 3: Segments<kTransposed, 6, Vec, 3, true>(src, row, columns, 0, 0, g, taps, 0, 3, zeros.data()); break;
+          default: Segments<kTransposed, 4, Vec, 4, true>(src, row, columns, 0, 0, g, taps, 0, 4, zeros.data());
         }
         continue;
       }
@@ -251,9 +287,9 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       // Registers: P x NV accumulators, NV weights and a broadcast (of 16 with AVX2, 32 with AVX-512).
       constexpr int64_t L = kLanes<Vec>;
       for (; o0 + 2 * L <= m; o0 += 2 * L)
-        Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, cell, o0, 2 * L, zeros.data());
-      for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, cell, o0, L, zeros.data());
-      if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, cell, o0, m - o0, zeros.data());
+        Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
+      for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
+      if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
     }
   });
 }

@@ -6,10 +6,11 @@ copies of the 6D volume, and derives a kernel gradient for the many small images
 of the machine's matmul rate (docs/performance.md, issue 41). The kernels here read the volume in place
 for both branches, write each output once, and keep the kernel gradient's accumulators in registers.
 
-`conv(x, kernel_a, kernel_b, strides, padding)` is the definition (XLA's convolutions; every backend);
-`center_pivot(...)` computes the same on CPU with the C++ kernels when they can be used (float32, one
-device or inside `shard_map`, a C++ compiler at hand) and is `conv` everywhere else. The library is
-compiled on first use into ~/.cache/misc_jax (about 10 s), keyed by its source, jaxlib and the CPU.
+`center_pivot(x, kernel_a, kernel_b, strides, padding, reference)` computes `conv4d.center_pivot` (the
+definition, XLA's convolutions, passed in as `reference`) with the C++ kernels on CPU when they can be used
+(float32, one device or inside `shard_map`, a C++ compiler at hand), and is `reference` everywhere else.
+The library is compiled on first use into ~/.cache/misc_jax (about 5 s), keyed by its source, jaxlib and
+the CPU's flags; without a compiler the reference runs, with a warning.
 """
 
 import functools
@@ -26,26 +27,6 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name('center_pivot_cpu.cc')
 TARGETS = ('CenterPivotForward', 'CenterPivotInputGrad', 'CenterPivotKernelGrad')
-
-
-def conv(x, kernel_a, kernel_b, strides, padding):
-  """x [B, Ha, Wa, Hb, Wb, C], kernels [k, k, C, O] -> [B, Ha', Wa', Hb', Wb', O] without biases: the
-  source branch (kernel_a over Ha, Wa at the target cells the target stride keeps) plus the target branch
-  (kernel_b over Hb, Wb at the source cells the source stride keeps)."""
-  s, p = tuple(strides), tuple(padding)
-  conv2d = lambda v, k, st, pad: jax.lax.conv_general_dilated(
-      v, k.astype(v.dtype), st, [(q, q) for q in pad], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  b, ha, wa, hb, wb, c = x.shape
-  xa = x[:, :, :, ::s[2], ::s[3]]
-  hb2, wb2 = xa.shape[3:5]
-  ya = conv2d(xa.transpose(0, 3, 4, 1, 2, 5).reshape(b * hb2 * wb2, ha, wa, c), kernel_a, s[:2], p[:2])
-  ya = ya.reshape(b, hb2, wb2, *ya.shape[1:]).transpose(0, 3, 4, 1, 2, 5)
-  xb = x[:, ::s[0], ::s[1]]
-  yb = conv2d(xb.reshape(-1, hb, wb, c), kernel_b, s[2:], p[2:])
-  yb = yb.reshape(*xb.shape[:3], *yb.shape[1:])
-  if ya.shape != yb.shape:
-    raise ValueError(f'the branches disagree: {ya.shape} and {yb.shape} (strides {s}, padding {p})')
-  return ya + yb
 
 
 def _compile(out: pathlib.Path):
@@ -97,17 +78,17 @@ def _call(name, out_shapes, *args, strides, padding):
       threads=np.int64(_threads()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _ffi_conv(x, kernel_a, kernel_b, strides, padding):
-  out = jax.eval_shape(lambda: conv(x, kernel_a, kernel_b, strides, padding))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _ffi_conv(x, kernel_a, kernel_b, strides, padding, out):
   return _call('CenterPivotForward', out, x, kernel_a, kernel_b, strides=strides, padding=padding)
 
 
-def _ffi_conv_fwd(x, kernel_a, kernel_b, strides, padding):
-  return _ffi_conv(x, kernel_a, kernel_b, strides, padding), (x, kernel_a, kernel_b)
+def _ffi_conv_fwd(x, kernel_a, kernel_b, strides, padding, out):
+  return _ffi_conv(x, kernel_a, kernel_b, strides, padding, out), (x, kernel_a, kernel_b)
 
 
-def _ffi_conv_bwd(strides, padding, residuals, dy):
+def _ffi_conv_bwd(strides, padding, out, residuals, dy):
+  del out
   x, kernel_a, kernel_b = residuals
   dx = _call('CenterPivotInputGrad', jax.ShapeDtypeStruct(x.shape, x.dtype), dy, kernel_a.swapaxes(2, 3),
              kernel_b.swapaxes(2, 3), strides=strides, padding=padding)
@@ -131,12 +112,13 @@ def usable(x, kernel_a, kernel_b) -> bool:
   return _library_loaded()
 
 
-def center_pivot(x, kernel_a, kernel_b, strides, padding):
-  """`conv`, computed by the C++ kernels on CPU where `usable`."""
+def center_pivot(x, kernel_a, kernel_b, strides, padding, reference):
+  """reference(x, kernel_a, kernel_b, strides, padding), computed by the C++ kernels on CPU where `usable`
+  (the choice is made when the program is lowered for its platform)."""
   strides, padding = tuple(strides), tuple(padding)
+  plain = lambda *a: reference(*a, strides, padding)
   if not usable(x, kernel_a, kernel_b):
-    return conv(x, kernel_a, kernel_b, strides, padding)
-  return jax.lax.platform_dependent(
-      x, kernel_a, kernel_b,
-      cpu=lambda *a: _ffi_conv(*a, strides, padding),
-      default=lambda *a: conv(*a, strides, padding))
+    return plain(x, kernel_a, kernel_b)
+  out = jax.eval_shape(plain, x, kernel_a, kernel_b)  # also checks that the branches agree
+  return jax.lax.platform_dependent(x, kernel_a, kernel_b,
+                                    cpu=lambda *a: _ffi_conv(*a, strides, padding, out), default=plain)

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from misc_jax.ops import center_pivot_cpu
+
 
 def _pairs(padding):
   return [(p, p) for p in padding]
@@ -82,11 +84,53 @@ def loop_conv2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   return _loop_conv2d(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
 
 
+def center_pivot(x, kernel_a, kernel_b, strides, padding, source_halo: int = 0, conv2d=_conv2d):
+  """The centre-pivot convolution without biases, as XLA's two batched 2D convolutions: the source branch
+  (kernel_a over Ha, Wa) at every target cell the target stride keeps, plus the target branch (kernel_b
+  over Hb, Wb) at every source cell the source stride keeps. The definition every other way of computing
+  it must equal (`center_pivot_cpu`). `source_halo`: see `CenterPivotConv4d`."""
+  b, ha, wa, hb, wb, c = x.shape
+  k, s, p = kernel_a.shape[:2] + kernel_b.shape[:2], tuple(strides), tuple(padding)
+  # Source branch, at every target position kept by the target stride.
+  xa = x[:, :, :, ::s[2], ::s[3]]
+  hb2, wb2 = xa.shape[3:5]
+  xa = xa.transpose(0, 3, 4, 1, 2, 5).reshape(b * hb2 * wb2, ha, wa, c)  # [B Hb' Wb', Ha, Wa, C]
+  ya = conv2d(xa, kernel_a, s[:2], _pairs(p[:2]))
+  ha2, wa2 = ya.shape[1:3]
+  ya = ya.reshape(b, hb2, wb2, ha2, wa2, -1).transpose(0, 3, 4, 1, 2, 5)  # [B, Ha', Wa', Hb', Wb', O]
+  # Target branch, at every source position (halo rows excluded).
+  xb = x[:, source_halo:ha - source_halo:s[0], ::s[1]]
+  xb_grid = xb.shape[1:3]
+  yb = conv2d(xb.reshape(-1, hb, wb, c), kernel_b, s[2:], _pairs(p[2:]))  # [B Ha' Wa', Hb', Wb', O]
+  yb = yb.reshape(b, *xb_grid, *yb.shape[1:])
+  if ya.shape != yb.shape:
+    raise ValueError(
+        f'CenterPivotConv4d (kernel {k}, strides {s}, padding {p}): on input {x.shape} the source branch '
+        f'gives {ya.shape} and the target branch {yb.shape}. The branches agree only when the padding '
+        'keeps each at the stride\'s size (padding = kernel // 2); HSNet sums such mismatched branches '
+        'into a 4D tensor, which we do not reproduce.')
+  return ya + yb
+
+
+class _ConvParams(nn.Module):
+  """The parameters of one 2D branch, as nn.Conv names and initialises them: kernel [kh, kw, C, O], bias."""
+  features: int
+  kernel_size: Sequence[int]
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, in_features, self.features))
+    return kernel, self.param('bias', nn.initializers.zeros_init(), (self.features,))
+
+
 class CenterPivotConv4d(nn.Module):
   """HSNet's CenterPivotConv4d; stride (1, 1, s, s) subsamples the target dims only.
 
   kernel_size, strides, padding are 4-tuples (source h, source w, target h, target w); padding defaults to
-  kernel // 2. Params: conv_a (source dims; HSNet's conv1) and conv_b (target dims; HSNet's conv2).
+  kernel // 2. Params: conv_a (source dims; HSNet's conv1) and conv_b (target dims; HSNet's conv2), each a
+  kernel and a bias. On CPU in float32 the whole convolution runs as one pass over the volume in C++
+  (`center_pivot_cpu`); elsewhere as XLA's two convolutions (`center_pivot`).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3, 3, 3)
@@ -99,35 +143,20 @@ class CenterPivotConv4d(nn.Module):
   def __call__(self, x, source_halo: int = 0):
     """`source_halo` > 0: x is a slab of a larger volume carrying that many extra source rows above and
     below the rows to compute; they stand in for the zero padding of the source rows (`chunked_block`)."""
-    b, ha, wa, hb, wb, c = x.shape
     k, s = tuple(self.kernel_size), tuple(self.strides)
     p = tuple(self.padding) if self.padding is not None else tuple(n // 2 for n in k)
     if source_halo and (s[0] != 1 or source_halo > p[0]):
       raise ValueError(f'source_halo {source_halo} needs source stride 1 and padding >= the halo')
     p = (p[0] - source_halo, *p[1:])
-    conv = lambda name, kk, ss, pp: nn.Conv(
-        self.features, kk, ss, _pairs(pp), dtype=self.dtype, name=name,
-        conv_general_dilated=loop_conv2d if self.loop_grads else None)
-    # Source branch, at every target position kept by the target stride.
-    xa = x[:, :, :, ::s[2], ::s[3]]
-    hb2, wb2 = xa.shape[3:5]
-    xa = xa.transpose(0, 3, 4, 1, 2, 5).reshape(b * hb2 * wb2, ha, wa, c)  # [B Hb' Wb', Ha, Wa, C]
-    ya = conv('conv_a', k[:2], s[:2], p[:2])(xa)
-    ha2, wa2 = ya.shape[1:3]
-    ya = ya.reshape(b, hb2, wb2, ha2, wa2, -1).transpose(0, 3, 4, 1, 2, 5)  # [B, Ha', Wa', Hb', Wb', O]
-    # Target branch, at every source position (halo rows excluded).
-    xb = x[:, source_halo:ha - source_halo:s[0], ::s[1]]
-    xb_grid = xb.shape[1:3]
-    xb = xb.reshape(-1, hb, wb, c)  # [B Ha' Wa', Hb, Wb, C]
-    yb = conv('conv_b', k[2:], s[2:], p[2:])(xb)
-    yb = yb.reshape(b, *xb_grid, *yb.shape[1:])  # [B, Ha', Wa', Hb', Wb', O]
-    if ya.shape != yb.shape:
-      raise ValueError(
-          f'CenterPivotConv4d (kernel {k}, strides {s}, padding {p}): on input {x.shape} the source branch '
-          f'gives {ya.shape} and the target branch {yb.shape}. The branches agree only when the padding '
-          'keeps each at the stride\'s size (padding = kernel // 2); HSNet sums such mismatched branches '
-          'into a 4D tensor, which we do not reproduce.')
-    return ya + yb
+    kernel_a, bias_a = _ConvParams(self.features, k[:2], name='conv_a')(x.shape[-1])
+    kernel_b, bias_b = _ConvParams(self.features, k[2:], name='conv_b')(x.shape[-1])
+    x, kernel_a, kernel_b, bias_a, bias_b = nn.dtypes.promote_dtype(x, kernel_a, kernel_b, bias_a, bias_b,
+                                                                    dtype=self.dtype)
+    if self.loop_grads or source_halo:
+      y = center_pivot(x, kernel_a, kernel_b, s, p, source_halo, loop_conv2d if self.loop_grads else _conv2d)
+    else:
+      y = center_pivot_cpu.center_pivot(x, kernel_a, kernel_b, s, p, center_pivot)
+    return y + (bias_a + bias_b)
 
 
 class Conv4d(nn.Module):
