@@ -267,6 +267,8 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
     columns[branch] = transposed[branch].data();
   }
   const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
+  const int64_t spacing = kTransposed ? g.s[3] : 1;
+  const bool short_rows = (ddim[4] + spacing - 1) / spacing <= 4;
   ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
     std::vector<Tap> taps;
     for (int64_t r = lo; r < hi; ++r) {
@@ -285,7 +287,14 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       }
       int64_t o0 = 0;
       // Registers: P x NV accumulators, NV weights and a broadcast (of 16 with AVX2, 32 with AVX-512).
-      constexpr int64_t L = kLanes<Vec>;
+      // Rows of at most 4 cells (a strided target's last dim) take segments of 4, not 6 or 12 mostly empty.
+      if (short_rows) {
+        for (; o0 + 2 * L <= m; o0 += 2 * L)
+          Segments<kTransposed, 4, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
+        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 4, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
+        if (o0 < m) Segments<kTransposed, 4, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
+        continue;
+      }
       for (; o0 + 2 * L <= m; o0 += 2 * L)
         Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
       for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
