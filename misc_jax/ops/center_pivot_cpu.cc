@@ -268,7 +268,8 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
   }
   const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
   const int64_t spacing = kTransposed ? g.s[3] : 1;
-  const bool short_rows = (ddim[4] + spacing - 1) / spacing <= 4;
+  const int64_t row_cells = (ddim[4] + spacing - 1) / spacing;  // cells of a row per phase
+  const bool short_rows = row_cells <= 4;
   ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
     std::vector<Tap> taps;
     for (int64_t r = lo; r < hi; ++r) {
@@ -297,6 +298,11 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       }
       for (; o0 + 2 * L <= m; o0 += 2 * L)
         Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
+      if (row_cells <= 8) {  // rows of 5-8 cells: segments of 8
+        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 8, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
+        if (o0 < m) Segments<kTransposed, 8, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
+        continue;
+      }
       for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
       if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
     }
