@@ -13,6 +13,7 @@ The library is compiled on first use into ~/.cache/misc_jax (about 5 s), keyed b
 the CPU's flags; without a compiler the reference runs, with a warning.
 """
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -101,10 +102,25 @@ def _ffi_conv_bwd(strides, padding, out, residuals, dy):
 _ffi_conv.defvjp(_ffi_conv_fwd, _ffi_conv_bwd)
 
 
+_disabled = False
+
+
+@contextlib.contextmanager
+def xla_only():
+  """Traces inside this context use XLA's convolutions: for XLA's FLOP count, which does not see inside a
+  custom call, and for timing the two side by side."""
+  global _disabled
+  before, _disabled = _disabled, True
+  try:
+    yield
+  finally:
+    _disabled = before
+
+
 def usable(x, kernel_a, kernel_b) -> bool:
   """Whether the C++ kernels can compute this call: float32 throughout, no other device's data in the
   program (one device, or the per-device body of a shard_map), and a library that built."""
-  if any(v.dtype != jnp.float32 for v in (x, kernel_a, kernel_b)):
+  if _disabled or any(v.dtype != jnp.float32 for v in (x, kernel_a, kernel_b)):
     return False
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.size > 1 and not mesh.manual_axes:
