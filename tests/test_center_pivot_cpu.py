@@ -1,5 +1,5 @@
 """The C++ centre-pivot convolution (ops/center_pivot_cpu.cc) against its definition, conv4d.center_pivot
-(XLA's two convolutions): outputs and all three gradients, over strides, odd sizes, kernel sizes and channel
+(XLA's two convolutions) plus a bias: outputs and all four gradients, over strides, odd sizes, kernel sizes and channel
 counts that take each of its code paths (wide and narrow vectors, channel tails)."""
 
 import jax
@@ -22,23 +22,25 @@ def _lowered(fn, *args) -> str:
     ((1, 7, 6, 5, 8, 4), 16, (5, 5, 3, 3), (1, 1, 2, 2)),  # a 5 x 5 source kernel
     ((1, 7, 7, 7, 7, 2), 3, (3, 3, 3, 3), (1, 1, 3, 3)),   # stride 3: the general division
     ((2, 6, 6, 6, 6, 16), 64, (3, 3, 3, 3), (1, 1, 1, 1)),  # several vectors of outputs
+    ((1, 5, 4, 6, 5, 8), 2, (3, 3, 3, 3), (1, 1, 1, 1)),   # 2 outputs: narrow forward where 8 channels fill a vector
 ])
 def test_equals_the_xla_formulation_with_its_gradients(shape, out, kernel, strides):
   padding = tuple(k // 2 for k in kernel)
-  keys = jax.random.split(jax.random.key(0), 4)
+  keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], shape)
   ka = jax.random.normal(keys[1], (*kernel[:2], shape[-1], out))
   kb = jax.random.normal(keys[2], (*kernel[2:], shape[-1], out))
-  plain = lambda x, a, b: conv4d.center_pivot(x, a, b, strides, padding)
-  fast = lambda x, a, b: center_pivot_cpu.center_pivot(x, a, b, strides, padding, conv4d.center_pivot)
-  assert 'misc_jax_CenterPivotForward' in _lowered(fast, x, ka, kb)  # not a silent fallback
-  y_plain = plain(x, ka, kb)
-  weights = jax.random.normal(keys[3], y_plain.shape)  # a loss whose gradient differs per output cell
+  bias = jax.random.normal(keys[3], (out,))
+  plain = lambda x, a, b, bias: conv4d.center_pivot(x, a, b, strides, padding) + bias
+  fast = lambda *args: center_pivot_cpu.center_pivot(*args, strides, padding, conv4d.center_pivot)
+  assert 'misc_jax_CenterPivotForward' in _lowered(fast, x, ka, kb, bias)  # not a silent fallback
+  y_plain = plain(x, ka, kb, bias)
+  weights = jax.random.normal(keys[4], y_plain.shape)  # a loss whose gradient differs per output cell
   loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
-  np.testing.assert_allclose(jax.jit(fast)(x, ka, kb), y_plain, rtol=1e-5, atol=1e-4)
-  grads = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(x, ka, kb)
-  expected = jax.grad(loss(plain), argnums=(0, 1, 2))(x, ka, kb)
-  for name, g, e in zip(('input', 'source kernel', 'target kernel'), grads, expected):
+  np.testing.assert_allclose(jax.jit(fast)(x, ka, kb, bias), y_plain, rtol=1e-5, atol=1e-4)
+  grads = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2, 3)))(x, ka, kb, bias)
+  expected = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, ka, kb, bias)
+  for name, g, e in zip(('input', 'source kernel', 'target kernel', 'bias'), grads, expected):
     scale = float(jnp.max(jnp.abs(e)))
     np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * scale, err_msg=name)
 

@@ -10,8 +10,11 @@
 // transposed copy of the volume is made, which is where XLA's two 2D convolutions lose their time.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -64,14 +67,29 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ff
   return g;
 }
 
-// Runs f(lo, hi) over [0, n) split into `threads` contiguous ranges, one per thread.
+// Runs f(lo, hi) over [0, n) in about 4 ranges per thread of XLA's intra-op pool (the pool that runs
+// XLA's own CPU kernels, so no threads are started per call and none compete with it). Workers claim ranges
+// from a counter and the caller works too, so the loop also finishes where the pool runs nothing in
+// parallel; the state lives on the heap because a late task may start after the caller has returned.
 template <typename F>
-void ParallelFor(int64_t n, int64_t threads, F f) {
-  threads = std::max<int64_t>(1, std::min(threads, n));
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(f, n * t / threads, n * (t + 1) / threads);
-  f(0, n / threads);
-  for (auto& w : workers) w.join();
+void ParallelFor(int64_t n, ffi::ThreadPool& pool, F f) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t ranges = std::max<int64_t>(1, std::min(n, 4 * threads));
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::function<void(int64_t)> range;
+  };
+  auto state = std::make_shared<State>();
+  state->range = [&](int64_t t) { f(n * t / ranges, n * (t + 1) / ranges); };
+  auto work = [](State& s, int64_t ranges) {
+    for (int64_t t; (t = s.next.fetch_add(1)) < ranges;) {
+      s.range(t);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, ranges); ++t) pool.Schedule([state, ranges, work] { work(*state, ranges); });
+  work(*state, ranges);
+  while (state->done.load(std::memory_order_acquire) < ranges) std::this_thread::yield();
 }
 
 // The source index, along a convolved dim, that output index q reads at tap t (forward: q s + t - p), or
@@ -144,8 +162,8 @@ void RowTaps(const Geometry& g, const int64_t cell[4], std::vector<Tap>& taps) {
   }
 }
 
-// P cells along the last dim (first, first + spacing, ...; `count` <= P of them): dst = the sum over both
-// branches' taps of src . w. Cells without a source at a tap read `zeros`, so the inner loops have no
+// P cells along the last dim (first, first + spacing, ...; `count` <= P of them): dst = b + the sum over
+// both branches' taps of src . w (b: the bias of dst's channels from o0, padded to whole vectors). Cells without a source at a tap read `zeros`, so the inner loops have no
 // branch and the accumulators stay in registers. Two ways to vectorise:
 // - wide (NV vectors of outputs): `w` is [k, k, n, ld] per branch, the reduced channel (n) second to
 //   last; columns [wcol, ...) are read and the first `lanes` of the NV vectors go to dst's channels
@@ -156,7 +174,7 @@ void RowTaps(const Geometry& g, const int64_t cell[4], std::vector<Tap>& taps) {
 template <int P, typename V, int NV, bool kTransposed, bool kNarrow = false>
 void Segment(const float* __restrict src, float* __restrict dst, const float* const w[2], int64_t ld,
              int64_t wcol, const Geometry& g, const std::vector<Tap>& taps, int64_t first, int64_t spacing,
-             int64_t count, int64_t o0, int64_t lanes, const float* zeros) {
+             int64_t count, int64_t o0, int64_t lanes, const float* zeros, const float* b) {
   const int64_t* sdim = kTransposed ? g.out : g.in;  // src: the volume (forward) or dy (transposed)
   const int64_t n = kTransposed ? g.o : g.c, m = kTransposed ? g.c : g.o;
   V acc[P][NV] = {};
@@ -211,18 +229,23 @@ void Segment(const float* __restrict src, float* __restrict dst, const float* co
   if constexpr (kNarrow) {
     for (int p = 0; p < count; ++p)
       for (int v = 0; v < NV; ++v) {
-        float sum = 0.f;
+        float sum = b[v];
         for (int l = 0; l < kLanes<V>; ++l) sum += acc[p][v][l];
         dst[spacing * p * m + v] = sum;
       }
   } else {
-    for (int p = 0; p < count; ++p) std::memcpy(dst + spacing * p * m + o0, &acc[p][0], lanes * sizeof(float));
+    V bias[NV];
+    for (int v = 0; v < NV; ++v) bias[v] = Load<V>(b + v * kLanes<V>);
+    for (int p = 0; p < count; ++p) {
+      for (int v = 0; v < NV; ++v) acc[p][v] += bias[v];
+      std::memcpy(dst + spacing * p * m + o0, &acc[p][0], lanes * sizeof(float));
+    }
   }
 }
 
 template <bool kTransposed, int P, typename V, int NV, bool kNarrow = false>
 void Segments(const float* src, float* row, const float* const w[2], int64_t ld, int64_t wcol, const Geometry& g,
-              const std::vector<Tap>& taps, int64_t o0, int64_t lanes, const float* zeros) {
+              const std::vector<Tap>& taps, int64_t o0, int64_t lanes, const float* zeros, const float* b) {
   const int64_t last = (kTransposed ? g.in : g.out)[4], m = kTransposed ? g.c : g.o;
   // The input gradient under a stride s along the last dim: s interleaved phases of cells s apart, which
   // share the taps that reach them (forward: one phase of consecutive cells).
@@ -232,19 +255,24 @@ void Segments(const float* src, float* row, const float* const w[2], int64_t ld,
     for (int64_t k = 0; k < cells; k += P) {
       const int64_t first = phase + k * spacing;
       Segment<P, V, NV, kTransposed, kNarrow>(src, row + first * m, w, ld, wcol, g, taps, first, spacing,
-                                     std::min<int64_t>(P, cells - k), o0, lanes, zeros);
+                                     std::min<int64_t>(P, cells - k), o0, lanes, zeros, b + o0);
     }
   }
 }
 
+// dst = bias + the convolution of src (forward), or its transpose (the input gradient; bias null).
 template <bool kTransposed>
-void Gather(const float* src, float* dst, const float* const w[2], const Geometry& g, int64_t threads) {
+void Gather(const float* src, float* dst, const float* const w[2], const float* bias, const Geometry& g,
+            ffi::ThreadPool& pool) {
   const int64_t* ddim = kTransposed ? g.in : g.out;  // dst: the output (forward) or dx (transposed)
   const int64_t n = kTransposed ? g.o : g.c, m = kTransposed ? g.c : g.o;
   const std::vector<float> zeros(n, 0.f);
   // The last m % L channels through a copy of their weight columns padded with zeros to one vector.
   constexpr int64_t L = kLanes<Vec>;
   const int64_t m8 = m - m % L;
+  std::vector<float> biases(m8 + 2 * L, 0.f);  // whole vectors from any o0
+  if (bias) std::copy(bias, bias + m, biases.begin());
+  const float* b = biases.data();
   std::vector<float> tail[2];
   const float* tails[2];
   for (int branch = 0; branch < 2; ++branch) {
@@ -266,11 +294,11 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
         for (int64_t o = 0; o < m; ++o) transposed[branch][(t * m + o) * n + c] = w[branch][(t * n + c) * m + o];
     columns[branch] = transposed[branch].data();
   }
-  const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the threads
+  const int64_t rows = ddim[0] * ddim[1] * ddim[2] * ddim[3];  // rows along the last dim, over the pool
   const int64_t spacing = kTransposed ? g.s[3] : 1;
   const int64_t row_cells = (ddim[4] + spacing - 1) / spacing;  // cells of a row per phase
   const bool short_rows = row_cells <= 4;
-  ParallelFor(rows, threads, [&](int64_t lo, int64_t hi) {
+  ParallelFor(rows, pool, [&](int64_t lo, int64_t hi) {
     std::vector<Tap> taps;
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t cell[4] = {r / (ddim[1] * ddim[2] * ddim[3]), r / (ddim[2] * ddim[3]) % ddim[1],
@@ -279,10 +307,13 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       float* row = dst + r * ddim[4] * m;
       if (narrow) {
         switch (m) {
-          case 1: Segments<kTransposed, 12, Vec, 1, true>(src, row, columns, 0, 0, g, taps, 0, 1, zeros.data()); break;
-          case 2: Segments<kTransposed, 8, Vec, 2, true>(src, row, columns, 0, 0, g, taps, 0, 2, zeros.data()); break;
-          case 3: Segments<kTransposed, 6, Vec, 3, true>(src, row, columns, 0, 0, g, taps, 0, 3, zeros.data()); break;
-          default: Segments<kTransposed, 4, Vec, 4, true>(src, row, columns, 0, 0, g, taps, 0, 4, zeros.data());
+          case 1: Segments<kTransposed, 12, Vec, 1, true>(src, row, columns, 0, 0, g, taps, 0, 1, zeros.data(), b); break;
+          case 2: Segments<kTransposed, 8, Vec, 2, true>(src, row, columns, 0, 0, g, taps, 0, 2, zeros.data(), b); break;
+          case 3:
+            if (row_cells <= 8) Segments<kTransposed, 4, Vec, 3, true>(src, row, columns, 0, 0, g, taps, 0, 3, zeros.data(), b);
+            else Segments<kTransposed, 6, Vec, 3, true>(src, row, columns, 0, 0, g, taps, 0, 3, zeros.data(), b);
+            break;
+          default: Segments<kTransposed, 4, Vec, 4, true>(src, row, columns, 0, 0, g, taps, 0, 4, zeros.data(), b);
         }
         continue;
       }
@@ -291,20 +322,20 @@ void Gather(const float* src, float* dst, const float* const w[2], const Geometr
       // Rows of at most 4 cells (a strided target's last dim) take segments of 4, not 6 or 12 mostly empty.
       if (short_rows) {
         for (; o0 + 2 * L <= m; o0 += 2 * L)
-          Segments<kTransposed, 4, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
-        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 4, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
-        if (o0 < m) Segments<kTransposed, 4, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
+          Segments<kTransposed, 4, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data(), b);
+        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 4, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data(), b);
+        if (o0 < m) Segments<kTransposed, 4, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data(), b);
         continue;
       }
       for (; o0 + 2 * L <= m; o0 += 2 * L)
-        Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data());
+        Segments<kTransposed, 6, Vec, 2>(src, row, w, m, o0, g, taps, o0, 2 * L, zeros.data(), b);
       if (row_cells <= 8) {  // rows of 5-8 cells: segments of 8
-        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 8, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
-        if (o0 < m) Segments<kTransposed, 8, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
+        for (; o0 + L <= m; o0 += L) Segments<kTransposed, 8, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data(), b);
+        if (o0 < m) Segments<kTransposed, 8, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data(), b);
         continue;
       }
-      for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data());
-      if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data());
+      for (; o0 + L <= m; o0 += L) Segments<kTransposed, 12, Vec, 1>(src, row, w, m, o0, g, taps, o0, L, zeros.data(), b);
+      if (o0 < m) Segments<kTransposed, 12, Vec, 1>(src, row, tails, L, 0, g, taps, o0, m - o0, zeros.data(), b);
     }
   });
 }
@@ -367,70 +398,70 @@ void TapGradChannels(const float* x, const float* dy, float* grad, const Geometr
   for (; c0 < g.c; ++c0) TapGrad<1, V, NV>(x, dy, grad, g, branch, i, j, c0, o0, lo, hi);
 }
 
-void KernelGrads(const float* x, const float* dy, float* ga, float* gb, const Geometry& g, int64_t threads) {
+void KernelGrads(const float* x, const float* dy, float* ga, float* gb, const Geometry& g, ffi::ThreadPool& pool) {
   const int64_t rows = g.out[0] * g.out[1];
-  threads = std::max<int64_t>(1, std::min(threads, rows));
+  // One partial sum per range of rows, added up at the end in a fixed order (results do not depend on
+  // which thread ran what).
+  const int64_t ranges = std::max<int64_t>(1, std::min(rows, std::max<int64_t>(1, pool.num_threads())));
   const int64_t sa = g.k[0] * g.k[1] * g.c * g.o, sb = g.k[2] * g.k[3] * g.c * g.o;
-  std::vector<std::vector<float>> parts(threads, std::vector<float>(sa + sb, 0.f));
-  auto work = [&](int64_t t) {
-    const int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
-    float* grads[2] = {parts[t].data(), parts[t].data() + sa};
-    // Rows in blocks, taps inside: a block's cells stay in cache across the taps.
-    const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.out[2] * g.out[3] * g.out[4]));
-    for (int64_t r = lo; r < hi; r += block) {
-      const int64_t r1 = std::min(hi, r + block);
-      for (int branch = 0; branch < 2; ++branch)
-        for (int64_t i = 0; i < g.k[2 * branch]; ++i)
-          for (int64_t j = 0; j < g.k[2 * branch + 1]; ++j) {
-            int64_t o0 = 0;
-            constexpr int64_t L = kLanes<Vec>;
-            for (; o0 + 2 * L <= g.o; o0 += 2 * L)
-              TapGradChannels<Vec, 2>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
-            for (; o0 + L <= g.o; o0 += L) TapGradChannels<Vec, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
-            for (; o0 < g.o; ++o0) TapGradChannels<float, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
-          }
+  std::vector<std::vector<float>> parts(ranges, std::vector<float>(sa + sb, 0.f));
+  ParallelFor(ranges, pool, [&](int64_t first, int64_t end) {
+    for (int64_t t = first; t < end; ++t) {
+      const int64_t lo = rows * t / ranges, hi = rows * (t + 1) / ranges;
+      float* grads[2] = {parts[t].data(), parts[t].data() + sa};
+      // Rows in blocks, taps inside: a block's cells stay in cache across the taps.
+      const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.out[2] * g.out[3] * g.out[4]));
+      for (int64_t r = lo; r < hi; r += block) {
+        const int64_t r1 = std::min(hi, r + block);
+        for (int branch = 0; branch < 2; ++branch)
+          for (int64_t i = 0; i < g.k[2 * branch]; ++i)
+            for (int64_t j = 0; j < g.k[2 * branch + 1]; ++j) {
+              int64_t o0 = 0;
+              constexpr int64_t L = kLanes<Vec>;
+              for (; o0 + 2 * L <= g.o; o0 += 2 * L)
+                TapGradChannels<Vec, 2>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+              for (; o0 + L <= g.o; o0 += L) TapGradChannels<Vec, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+              for (; o0 < g.o; ++o0) TapGradChannels<float, 1>(x, dy, grads[branch], g, branch, i, j, o0, r, r1);
+            }
+      }
     }
-  };
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(work, t);
-  work(0);
-  for (auto& w : workers) w.join();
+  });
   for (int64_t e = 0; e < sa + sb; ++e) {
     float v = 0.f;
-    for (int64_t t = 0; t < threads; ++t) v += parts[t][e];
+    for (int64_t t = 0; t < ranges; ++t) v += parts[t][e];
     (e < sa ? ga[e] : gb[e - sa]) = v;
   }
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ka, ffi::Buffer<ffi::F32> kb,
-                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> padding, int64_t threads) {
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding, ffi::ThreadPool pool) {
   const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), ka.dimensions(), kb.dimensions(), strides,
                                   padding);
   const float* w[2] = {ka.typed_data(), kb.typed_data()};
-  Gather<false>(x.typed_data(), y->typed_data(), w, g, threads);
+  Gather<false>(x.typed_data(), y->typed_data(), w, bias.typed_data(), g, pool);
   return ffi::Error::Success();
 }
 
 // kat, kbt: the kernels with their channel axes swapped, [k, k, O, C].
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kat, ffi::Buffer<ffi::F32> kbt,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
-                     ffi::Span<const int64_t> padding, int64_t threads) {
+                     ffi::Span<const int64_t> padding, ffi::ThreadPool pool) {
   auto kad = kat.dimensions(), kbd = kbt.dimensions();
   const int64_t ka_shape[4] = {kad[0], kad[1], kad[3], kad[2]}, kb_shape[4] = {kbd[0], kbd[1], kbd[3], kbd[2]};
   const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), ffi::Span<const int64_t>(ka_shape, 4),
                                   ffi::Span<const int64_t>(kb_shape, 4), strides, padding);
   const float* w[2] = {kat.typed_data(), kbt.typed_data()};
-  Gather<true>(dy.typed_data(), dx->typed_data(), w, g, threads);
+  Gather<true>(dy.typed_data(), dx->typed_data(), w, nullptr, g, pool);
   return ffi::Error::Success();
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> ga,
                       ffi::ResultBuffer<ffi::F32> gb, ffi::Span<const int64_t> strides,
-                      ffi::Span<const int64_t> padding, int64_t threads) {
+                      ffi::Span<const int64_t> padding, ffi::ThreadPool pool) {
   const Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), ga->dimensions(), gb->dimensions(), strides,
                                   padding);
-  KernelGrads(x.typed_data(), dy.typed_data(), ga->typed_data(), gb->typed_data(), g, threads);
+  KernelGrads(x.typed_data(), dy.typed_data(), ga->typed_data(), gb->typed_data(), g, pool);
   return ffi::Error::Success();
 }
 
@@ -440,10 +471,11 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
   ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() first second results \
       .Attr<ffi::Span<const int64_t>>("strides")                                                  \
       .Attr<ffi::Span<const int64_t>>("padding")                                                  \
-      .Attr<int64_t>("threads")
+      .Ctx<ffi::ThreadPool>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotForward, Forward,
-                              MISC_JAX_BIND(.Arg<ffi::Buffer<ffi::F32>>(), , .Ret<ffi::Buffer<ffi::F32>>()));
+                              MISC_JAX_BIND(.Arg<ffi::Buffer<ffi::F32>>(), .Arg<ffi::Buffer<ffi::F32>>(),
+                                            .Ret<ffi::Buffer<ffi::F32>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotInputGrad, InputGrad,
                               MISC_JAX_BIND(.Arg<ffi::Buffer<ffi::F32>>(), , .Ret<ffi::Buffer<ffi::F32>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CenterPivotKernelGrad, KernelGrad,

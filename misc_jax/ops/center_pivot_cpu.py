@@ -6,8 +6,8 @@ copies of the 6D volume, and derives a kernel gradient for the many small images
 of the machine's matmul rate (docs/performance.md, issue 41). The kernels here read the volume in place
 for both branches, write each output once, and keep the kernel gradient's accumulators in registers.
 
-`center_pivot(x, kernel_a, kernel_b, strides, padding, reference)` computes `conv4d.center_pivot` (the
-definition, XLA's convolutions, passed in as `reference`) with the C++ kernels on CPU when they can be used
+`center_pivot(x, kernel_a, kernel_b, bias, strides, padding, reference)` computes `conv4d.center_pivot`
+(the definition, XLA's convolutions, passed in as `reference`) plus a bias with the C++ kernels on CPU when they can be used
 (float32, one device or inside `shard_map`, a C++ compiler at hand), and is `reference` everywhere else.
 The library is compiled on first use into ~/.cache/misc_jax (about 5 s), keyed by its source, jaxlib and
 the CPU's flags; without a compiler the reference runs, with a warning.
@@ -69,23 +69,18 @@ def _library_loaded() -> bool:
   return True
 
 
-def _threads() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-
-
 def _call(name, out_shapes, *args, strides, padding):
   return jax.ffi.ffi_call(f'misc_jax_{name}', out_shapes, vmap_method='sequential')(
-      *args, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64),
-      threads=np.int64(_threads()))
+      *args, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ffi_conv(x, kernel_a, kernel_b, strides, padding, out):
-  return _call('CenterPivotForward', out, x, kernel_a, kernel_b, strides=strides, padding=padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ffi_conv(x, kernel_a, kernel_b, bias, strides, padding, out):
+  return _call('CenterPivotForward', out, x, kernel_a, kernel_b, bias, strides=strides, padding=padding)
 
 
-def _ffi_conv_fwd(x, kernel_a, kernel_b, strides, padding, out):
-  return _ffi_conv(x, kernel_a, kernel_b, strides, padding, out), (x, kernel_a, kernel_b)
+def _ffi_conv_fwd(x, kernel_a, kernel_b, bias, strides, padding, out):
+  return _ffi_conv(x, kernel_a, kernel_b, bias, strides, padding, out), (x, kernel_a, kernel_b)
 
 
 def _ffi_conv_bwd(strides, padding, out, residuals, dy):
@@ -96,7 +91,7 @@ def _ffi_conv_bwd(strides, padding, out, residuals, dy):
   shapes = (jax.ShapeDtypeStruct(kernel_a.shape, kernel_a.dtype),
             jax.ShapeDtypeStruct(kernel_b.shape, kernel_b.dtype))
   da, db = _call('CenterPivotKernelGrad', shapes, x, dy, strides=strides, padding=padding)
-  return dx, da, db
+  return dx, da, db, jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
 
 
 _ffi_conv.defvjp(_ffi_conv_fwd, _ffi_conv_bwd)
@@ -117,10 +112,10 @@ def xla_only():
     _disabled = before
 
 
-def usable(x, kernel_a, kernel_b) -> bool:
+def usable(*operands) -> bool:
   """Whether the C++ kernels can compute this call: float32 throughout, no other device's data in the
   program (one device, or the per-device body of a shard_map), and a library that built."""
-  if _disabled or any(v.dtype != jnp.float32 for v in (x, kernel_a, kernel_b)):
+  if _disabled or any(v.dtype != jnp.float32 for v in operands):
     return False
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.size > 1 and not mesh.manual_axes:
@@ -128,13 +123,13 @@ def usable(x, kernel_a, kernel_b) -> bool:
   return _library_loaded()
 
 
-def center_pivot(x, kernel_a, kernel_b, strides, padding, reference):
-  """reference(x, kernel_a, kernel_b, strides, padding), computed by the C++ kernels on CPU where `usable`
-  (the choice is made when the program is lowered for its platform)."""
+def center_pivot(x, kernel_a, kernel_b, bias, strides, padding, reference):
+  """reference(x, kernel_a, kernel_b, strides, padding) + bias, computed by the C++ kernels on CPU where
+  `usable` (the choice is made when the program is lowered for its platform)."""
   strides, padding = tuple(strides), tuple(padding)
-  plain = lambda *a: reference(*a, strides, padding)
-  if not usable(x, kernel_a, kernel_b):
-    return plain(x, kernel_a, kernel_b)
-  out = jax.eval_shape(plain, x, kernel_a, kernel_b)  # also checks that the branches agree
-  return jax.lax.platform_dependent(x, kernel_a, kernel_b,
+  plain = lambda x, a, b, bias: reference(x, a, b, strides, padding) + bias
+  if not usable(x, kernel_a, kernel_b, bias):
+    return plain(x, kernel_a, kernel_b, bias)
+  out = jax.eval_shape(plain, x, kernel_a, kernel_b, bias)  # also checks that the branches agree
+  return jax.lax.platform_dependent(x, kernel_a, kernel_b, bias,
                                     cpu=lambda *a: _ffi_conv(*a, strides, padding, out), default=plain)

@@ -154,9 +154,8 @@ class CenterPivotConv4d(nn.Module):
                                                                     dtype=self.dtype)
     if self.loop_grads or source_halo:
       y = center_pivot(x, kernel_a, kernel_b, s, p, source_halo, loop_conv2d if self.loop_grads else _conv2d)
-    else:
-      y = center_pivot_cpu.center_pivot(x, kernel_a, kernel_b, s, p, center_pivot)
-    return y + (bias_a + bias_b)
+      return y + (bias_a + bias_b)
+    return center_pivot_cpu.center_pivot(x, kernel_a, kernel_b, bias_a + bias_b, s, p, center_pivot)
 
 
 class Conv4d(nn.Module):
