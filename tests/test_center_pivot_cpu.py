@@ -73,3 +73,18 @@ def test_a_mesh_of_several_devices_keeps_xla_s_convolutions():
   with jax.set_mesh(mesh):
     text = _lowered(module.apply, params, x)
   assert ('misc_jax' in text) == (len(jax.devices()) == 1)
+
+
+def test_xla_only_retraces_what_was_traced_with_the_kernels():
+  """The benchmarks count FLOPs inside `xla_only` (a custom call has none for XLA) after timing the same
+  function with the C++ kernels; a cached trace would report the custom call's zero."""
+  x = jnp.ones((1, 6, 6, 6, 6, 8))
+  module = conv4d.CenterPivotConv4d(8)
+  params = module.init(jax.random.key(0), x)
+  flops = lambda: jax.jit(module.apply).lower(params, x).compile().cost_analysis()['flops']
+  with_kernels = flops()
+  with center_pivot_cpu.xla_only():
+    assert 'misc_jax' not in _lowered(module.apply, params, x)
+    with_xla = flops()
+  assert 'misc_jax' in _lowered(module.apply, params, x)
+  assert with_xla > 6**4 * 8 * 8 * 18 > with_kernels  # half of 2 FLOP per multiply-add: no padding counted
