@@ -6,7 +6,8 @@
 // kb [k2, k3, C, O] (target dims); strides s[4], padding p[4]. Output y [B, Ha', Wa', Hb', Wb', O]:
 //   y[b, a0, a1, b0, b1] =   sum_{i, j} x[b, a0 s0 + i - p0, a1 s1 + j - p1, b0 s2, b1 s3] . ka[i, j]
 //                          + sum_{i, j} x[b, a0 s0, a1 s1, b0 s2 + i - p2, b1 s3 + j - p3] . kb[i, j]
-// (zero outside the volume; biases are added by the caller). Every output is written once and no
+//                          + bias
+// (zero outside the volume; bias [O] is the sum of the two branches' biases). Every output is written once and no
 // transposed copy of the volume is made, which is where XLA's two 2D convolutions lose their time.
 
 #include <algorithm>
