@@ -1,6 +1,6 @@
 """The C++ centre-pivot convolution (ops/center_pivot_cpu.cc) against its definition, conv4d.center_pivot
-(XLA's two convolutions) plus a bias: outputs and all four gradients, over strides, odd sizes, kernel sizes and channel
-counts that take each of its code paths (wide and narrow vectors, channel tails)."""
+(XLA's two convolutions) plus a bias: outputs and all four gradients, over strides, odd sizes, kernel sizes
+and channel counts that take each of its code paths (wide and narrow vectors, channel tails)."""
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ def _lowered(fn, *args) -> str:
     ((1, 7, 6, 5, 8, 4), 16, (5, 5, 3, 3), (1, 1, 2, 2)),  # a 5 x 5 source kernel
     ((1, 7, 7, 7, 7, 2), 3, (3, 3, 3, 3), (1, 1, 3, 3)),   # stride 3: the general division
     ((2, 6, 6, 6, 6, 16), 64, (3, 3, 3, 3), (1, 1, 1, 1)),  # several vectors of outputs
-    ((1, 5, 4, 6, 5, 8), 2, (3, 3, 3, 3), (1, 1, 1, 1)),   # 2 outputs: narrow forward where 8 channels fill a vector
+    ((1, 5, 4, 6, 5, 8), 2, (3, 3, 3, 3), (1, 1, 1, 1)),   # 2 outputs: narrow where 8 channels fill a vector
 ])
 def test_equals_the_xla_formulation_with_its_gradients(shape, out, kernel, strides):
   padding = tuple(k // 2 for k in kernel)

@@ -7,8 +7,9 @@
 //   y[b, a0, a1, b0, b1] =   sum_{i, j} x[b, a0 s0 + i - p0, a1 s1 + j - p1, b0 s2, b1 s3] . ka[i, j]
 //                          + sum_{i, j} x[b, a0 s0, a1 s1, b0 s2 + i - p2, b1 s3 + j - p3] . kb[i, j]
 //                          + bias
-// (zero outside the volume; bias [O] is the sum of the two branches' biases). Every output is written once and no
-// transposed copy of the volume is made, which is where XLA's two 2D convolutions lose their time.
+// (zero outside the volume; bias [O] is the sum of the two branches' biases). Every output is written
+// once and no transposed copy of the volume is made, which is where XLA's two 2D convolutions lose their
+// time.
 
 #include <algorithm>
 #include <atomic>
@@ -164,8 +165,9 @@ void RowTaps(const Geometry& g, const int64_t cell[4], std::vector<Tap>& taps) {
 }
 
 // P cells along the last dim (first, first + spacing, ...; `count` <= P of them): dst = b + the sum over
-// both branches' taps of src . w (b: the bias of dst's channels from o0, padded to whole vectors). Cells without a source at a tap read `zeros`, so the inner loops have no
-// branch and the accumulators stay in registers. Two ways to vectorise:
+// both branches' taps of src . w (b: the bias of dst's channels from o0, padded to whole vectors). Cells
+// without a source at a tap read `zeros`, so the inner loops have no branch and the accumulators stay in
+// registers. Two ways to vectorise:
 // - wide (NV vectors of outputs): `w` is [k, k, n, ld] per branch, the reduced channel (n) second to
 //   last; columns [wcol, ...) are read and the first `lanes` of the NV vectors go to dst's channels
 //   [o0, o0 + lanes). Each source value is broadcast against a row of weights.

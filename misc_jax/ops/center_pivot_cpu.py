@@ -7,8 +7,9 @@ of the machine's matmul rate (docs/performance.md, issue 41). The kernels here r
 for both branches, write each output once, and keep the kernel gradient's accumulators in registers.
 
 `center_pivot(x, kernel_a, kernel_b, bias, strides, padding, reference)` computes `conv4d.center_pivot`
-(the definition, XLA's convolutions, passed in as `reference`) plus a bias with the C++ kernels on CPU when they can be used
-(float32, one device or inside `shard_map`, a C++ compiler at hand), and is `reference` everywhere else.
+(the definition, XLA's convolutions, passed in as `reference`) plus a bias with the C++ kernels on CPU
+when they can be used (float32, one device or inside `shard_map`, a C++ compiler at hand), and is
+`reference` plus the bias everywhere else.
 The library is compiled on first use into ~/.cache/misc_jax (about 5 s), keyed by its source, jaxlib and
 the CPU's flags; without a compiler the reference runs, with a warning.
 """
